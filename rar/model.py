@@ -1,0 +1,234 @@
+"""The RAR generator: a class-conditional causal transformer with adaLN blocks (Yu et al. 2024, Sec. 3).
+
+Sequence layout (identical to the official model, so its checkpoints load unchanged):
+
+    position   0      1         2            3                ...   T
+    input      [cls]  [class]   tok[o[0]]    tok[o[1]]        ...   tok[o[T-2]]
+    predicts   -      tok[o[0]] tok[o[1]]    tok[o[2]]        ...   tok[o[T-1]]
+
+where `o` is the factorization order (`orders[b]`, raster when None). Every position p also
+gets a *per-slot condition* `embed(class) + timestep[p]` that drives the adaLN modulation of
+every block. The input at a position carries the ordinary positional embedding of its own
+token and the *target-aware* positional embedding of the token it must predict (paper Sec. 3.3),
+so a permuted order is unambiguous. The official model also feeds the last token tok[o[T-1]]
+and drops its output; being causal, leaving it out changes nothing and saves a position.
+
+Nothing about training or sampling is stored on the modules: the orders and the KV cache are
+arguments, and `training` (dropout on/off) is the only mode, as in any torch module.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import RARConfig
+
+PREFIX = 2  # [cls] and [class] come before the image tokens
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale) + shift
+
+
+class KVCache:
+    """Preallocated keys and values of every block for one batch (LlamaGen-style static cache).
+
+    The sampler creates it and passes it to `RAR.forward_hidden`; the model writes the keys and
+    values of the positions it processes at `start:start + N` and attends to `:start + N`.
+    """
+
+    def __init__(self, config: RARConfig, batch_size: int, max_len: int | None = None,
+                 device=None, dtype: torch.dtype = torch.float32):
+        max_len = max_len or config.num_tokens + 1
+        shape = (config.num_layers, batch_size, config.num_heads, max_len, config.head_dim)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)  # (layers, B, H, S, Dh)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+
+    @property
+    def max_len(self) -> int:
+        return self.keys.shape[3]
+
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.keys[i], self.values[i]
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, attn_dropout: float, dropout: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.attn_dropout = attn_dropout
+        self.qkv = nn.Linear(dim, 3 * dim, bias=True)
+        self.q_norm = nn.LayerNorm(self.head_dim, eps=1e-6)  # qk-norm
+        self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+                start: int = 0) -> torch.Tensor:
+        B, N, D = x.shape
+        qkv = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each (B, H, N, Dh)
+        q, k = self.q_norm(q), self.k_norm(k)
+        mask, causal = None, True
+        if kv is not None:
+            k_buf, v_buf = kv  # (B, H, S, Dh)
+            k_buf[:, :, start:start + N] = k
+            v_buf[:, :, start:start + N] = v
+            k, v = k_buf[:, :, :start + N], v_buf[:, :, :start + N]  # (B, H, start+N, Dh)
+            causal = N > 1 and start == 0
+            if N > 1 and start > 0:  # a chunk appended after a prefix: queries see prefix + earlier chunk
+                i = torch.arange(N, device=x.device)[:, None] + start
+                mask = torch.arange(start + N, device=x.device)[None, :] <= i  # (N, start+N)
+        p = self.attn_dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p,
+                                             is_causal=causal and mask is None)  # (B, H, N, Dh)
+        out = out.transpose(1, 2).reshape(B, N, D)
+        return self.proj_drop(self.proj(out))
+
+
+class Mlp(nn.Module):
+    """timm's Mlp layout (fc1, act, drop1, fc2, drop2) so the official keys match."""
+
+    def __init__(self, dim: int, hidden: int, dropout: float):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()  # exact (erf) GELU, as upstream
+        self.drop1 = nn.Dropout(dropout)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop2 = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block with adaLN modulation (DiT), chunk order
+    (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp)."""
+
+    def __init__(self, cfg: RARConfig):
+        super().__init__()
+        d = cfg.hidden_size
+        self.norm1 = nn.LayerNorm(d, eps=1e-6)
+        self.attn = Attention(d, cfg.num_heads, cfg.attn_dropout, cfg.dropout)
+        self.norm2 = nn.LayerNorm(d, eps=1e-6)
+        self.mlp = Mlp(d, cfg.mlp_size, cfg.dropout)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+
+    def forward(self, x: torch.Tensor, mod: torch.Tensor, kv=None, start: int = 0) -> torch.Tensor:
+        # x (B, N, D); mod (B, N, 6D) = adaLN_modulation(per-slot condition)
+        shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)
+        x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1), kv, start)
+        return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
+
+
+class FinalLayer(nn.Module):
+    """adaLN before the head. Note the official chunk order is (scale, shift), the reverse of the blocks."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(d, eps=1e-6, elementwise_affine=False)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 2 * d))
+
+    def forward(self, x: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
+        scale, shift = mod.chunk(2, dim=-1)
+        return modulate(self.norm_final(x), shift, scale)
+
+
+class RAR(nn.Module):
+    def __init__(self, config: RARConfig):
+        super().__init__()
+        self.config = cfg = config
+        d, T, V, C = cfg.hidden_size, cfg.num_tokens, cfg.codebook_size, cfg.num_classes
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
+        # Rows 0, 1: [cls], [class]; row 2 + i: image token at raster index i.
+        self.pos_embed = nn.Parameter(torch.zeros(1, T + PREFIX, d))
+        # Row i: "the next token to predict sits at raster index i" (official rows 2..T+1).
+        self.target_aware_pos_embed = nn.Parameter(torch.zeros(1, T, d))
+        # One per position 0..T: makes the adaLN condition slot-dependent.
+        self.timesteps_embeddings = nn.Parameter(torch.zeros(1, T + 1, d))
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        # Token space of the official model: [0, V) image codes, V the (unused) mask token,
+        # V + 1 + c the class c in [0, C), V + 1 + C the "no class" label.
+        self.embeddings = nn.Embedding(V + 1 + C + 1, d)
+        self.adaln_before_head = FinalLayer(d)
+        self.lm_head = nn.Linear(d, V)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The official init: truncated normal(0.02) for linear/embedding weights and position
+        tables, zero biases, unit LayerNorms, zero [cls], and adaLN-zero for every modulation."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm) and m.elementwise_affine:
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        for p in (self.pos_embed, self.target_aware_pos_embed, self.timesteps_embeddings):
+            nn.init.trunc_normal_(p, std=0.02)
+        nn.init.zeros_(self.cls_token)
+        for lin in [b.adaLN_modulation[-1] for b in self.blocks] + [self.adaln_before_head.adaLN_modulation[-1]]:
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+
+    # ---- pieces shared by the training forward and the sampler -------------------------------
+    def condition(self, labels: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Per-slot adaLN condition for positions start..stop-1: (B,) labels -> (B, S, D)."""
+        stop = self.config.num_tokens + 1 if stop is None else stop
+        c = self.embeddings(labels + self.config.codebook_size + 1)  # (B, D)
+        return c[:, None] + self.timesteps_embeddings[:, start:stop]  # (B, S, D)
+
+    def modulations(self, c: torch.Tensor) -> list[torch.Tensor]:
+        """adaLN outputs for every block and the head: [(B, S, 6D)] * layers + [(B, S, 2D)].
+        They depend only on (class, position), so the sampler computes them ahead of time."""
+        return [b.adaLN_modulation(c) for b in self.blocks] + [self.adaln_before_head.adaLN_modulation(c)]
+
+    def embed_tokens(self, tokens: torch.Tensor, raster_index: torch.Tensor,
+                     next_index: torch.Tensor | None) -> torch.Tensor:
+        """Inputs at image positions: token embedding + position of this token + target-aware
+        position of the token predicted next. tokens/raster_index/next_index (B, N) -> (B, N, D)."""
+        x = self.embeddings(tokens) + self.pos_embed[0, PREFIX:][raster_index]  # (B, N, D)
+        if next_index is not None:
+            x = x + self.target_aware_pos_embed[0][next_index]
+        return x
+
+    def embed_prefix(self, labels: torch.Tensor, first_index: torch.Tensor) -> torch.Tensor:
+        """Positions 0 ([cls]) and 1 ([class], which predicts the first token): (B,) -> (B, 2, D)."""
+        B = labels.shape[0]
+        cls = self.cls_token.expand(B, -1, -1) + self.pos_embed[:, :1]  # (B, 1, D)
+        cond = self.embeddings(labels + self.config.codebook_size + 1)[:, None] + self.pos_embed[:, 1:2]
+        cond = cond + self.target_aware_pos_embed[0][first_index][:, None]  # (B, 1, D)
+        return torch.cat([cls, cond], dim=1)
+
+    def forward_hidden(self, x: torch.Tensor, mods: list[torch.Tensor], cache: KVCache | None = None,
+                       start: int = 0, checkpoint: bool = False) -> torch.Tensor:
+        """Run the blocks and the final adaLN on positions start..start+N-1: (B, N, D) -> (B, N, D)."""
+        for i, blk in enumerate(self.blocks):
+            kv = cache.layer(i) if cache is not None else None
+            if checkpoint and self.training:
+                x = torch.utils.checkpoint.checkpoint(blk, x, mods[i], kv, start, use_reentrant=False)
+            else:
+                x = blk(x, mods[i], kv, start)
+        return self.adaln_before_head(x, mods[-1])
+
+    # ---- the training / scoring forward -------------------------------------------------------
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor, orders: torch.Tensor | None = None,
+                checkpoint: bool = False) -> torch.Tensor:
+        """tokens (B, T) in [0, V); labels (B,) in [0, C] (C = no class); orders (B, T) permutations
+        or None for raster. Returns logits (B, T, V); logits[b, j] predicts tokens[b, orders[b, j]]
+        from the class and tokens[b, orders[b, :j]]. `checkpoint` recomputes block activations in
+        the backward pass (gradient checkpointing) to save memory."""
+        B, T = tokens.shape
+        if T != self.config.num_tokens:
+            raise ValueError(f"tokens must have {self.config.num_tokens} columns (the model's num_tokens), got {T}.")
+        if orders is None:
+            orders = torch.arange(T, device=tokens.device).expand(B, T)
+        seq = tokens.gather(1, orders)  # (B, T) tokens in factorization order
+        x = torch.cat([self.embed_prefix(labels, orders[:, 0]),
+                       self.embed_tokens(seq[:, :-1], orders[:, :-1], orders[:, 1:])], dim=1)  # (B, T+1, D)
+        mods = self.modulations(self.condition(labels))  # per block (B, T+1, 6D)
+        h = self.forward_hidden(x, mods, checkpoint=checkpoint)  # (B, T+1, D)
+        return self.lm_head(h[:, 1:])  # (B, T, V): drop the [cls] position

@@ -1,0 +1,136 @@
+"""The generator against the official implementation's outputs, and its structural guarantees."""
+import pytest
+import torch
+
+from rar import RAR, RARConfig
+from rar.checkpoint import (load_generator, load_official_generator, official_parameter_count, official_shapes,
+                            save_generator)
+from rar.orders import sample_orders
+
+from conftest import FIXTURES, reference_labels
+
+
+def test_train_logits_equal_official(rar_reference, tiny_official):
+    ref = rar_reference
+    labels = reference_labels(ref, tiny_official)
+    assert labels[3].item() == tiny_official.config.num_classes  # row 3 is the "no class" row
+    with torch.no_grad():
+        logits = tiny_official(ref["input_ids"], labels, ref["orders"])
+    assert logits.shape == (4, 16, 32)
+    assert (logits - ref["train_logits"][:, :16]).abs().max().item() <= 1e-4
+
+
+def test_raster_default_equals_explicit_raster(rar_reference, tiny_official):
+    ref = rar_reference
+    labels = reference_labels(ref, tiny_official)
+    with torch.no_grad():
+        a = tiny_official(ref["input_ids"][:1], labels[:1])
+        b = tiny_official(ref["input_ids"][:1], labels[:1], ref["orders"][:1])
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(a[0], ref["train_logits"][0, :16], rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("k", [0, 5, 14])
+def test_causal_under_any_order(tiny_official, k):
+    g = torch.Generator().manual_seed(k)
+    cfg = tiny_official.config
+    tokens = torch.randint(0, cfg.codebook_size, (3, cfg.num_tokens), generator=g)
+    labels = torch.tensor([0, 4, cfg.num_classes])
+    orders = sample_orders(3, cfg.num_tokens, 1.0, g)
+    changed = tokens.clone()
+    rows = torch.arange(3)
+    changed[rows, orders[:, k]] = (tokens[rows, orders[:, k]] + 1) % cfg.codebook_size
+    with torch.no_grad():
+        a, b = tiny_official(tokens, labels, orders), tiny_official(changed, labels, orders)
+    torch.testing.assert_close(a[:, :k + 1], b[:, :k + 1], rtol=0, atol=0)
+    assert (a[:, k + 1:] - b[:, k + 1:]).abs().max() > 1e-3  # later positions do see the change
+
+
+def test_official_parameter_counts():
+    expect = {"rar_b": 260_923_648, "rar_l": 461_668_352, "rar_xl": 955_425_024, "rar_xxl": 1_498_520_704}
+    for name, n in expect.items():
+        assert official_parameter_count(RARConfig.preset(name)) == n
+
+
+def _manifest(path):
+    rows = [line.split("\t") for line in path.read_text().splitlines() if line.strip()]
+    return {k: tuple(int(x) for x in shape.strip("[]").split(",")) for k, shape in rows}
+
+
+def test_rar_b_manifest_matches_and_loads_on_meta():
+    manifest = _manifest(FIXTURES / "rar_b_keys.tsv")
+    cfg = RARConfig.preset("rar_b")
+    assert list(manifest) == list(official_shapes(cfg))  # same keys, same order
+    assert manifest == official_shapes(cfg)
+    sd = {k: torch.empty(shape, device="meta") for k, shape in manifest.items()}
+    model = load_official_generator(sd)
+    assert model.config == cfg  # sizes inferred (heads from qk-norm) and tuned sampling settings attached
+    assert model.pos_embed.shape == (1, 258, 768)
+    assert model.target_aware_pos_embed.shape == (1, 256, 768)
+    assert model.timesteps_embeddings.shape == (1, 257, 768)
+
+
+def _tiny_sd(ref):
+    return {k: v.clone() for k, v in ref["state_dict"].items()}
+
+
+def test_missing_key_is_named(rar_reference):
+    sd = _tiny_sd(rar_reference)
+    del sd["blocks.1.attn.k_norm.bias"]
+    with pytest.raises(ValueError, match=r"missing key 'blocks\.1\.attn\.k_norm\.bias'"):
+        load_official_generator(sd)
+
+
+def test_unexpected_key_is_named(rar_reference):
+    sd = _tiny_sd(rar_reference)
+    sd["blocks.0.attn.extra"] = torch.zeros(3)
+    with pytest.raises(ValueError, match=r"unexpected key 'blocks\.0\.attn\.extra' with shape \[3\]"):
+        load_official_generator(sd)
+
+
+def test_wrong_shape_is_named_with_both_shapes(rar_reference):
+    sd = _tiny_sd(rar_reference)
+    sd["blocks.1.mlp.fc2.bias"] = torch.zeros(65)
+    with pytest.raises(ValueError, match=r"'blocks\.1\.mlp\.fc2\.bias' has shape \[65\], expected \[64\]"):
+        load_official_generator(sd)
+
+
+def test_explicit_config_must_match(rar_reference):
+    cfg = RARConfig(64, 2, 8, 256, num_tokens=16, codebook_size=32, num_classes=10)
+    with pytest.raises(ValueError, match="num_heads is 4 in the checkpoint and 8 in the config"):
+        load_official_generator(rar_reference["state_dict"], cfg)
+
+
+def test_missing_file_is_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_official_generator(tmp_path / "rar_b.bin")
+
+
+def test_own_format_round_trip(tmp_path, rar_reference, tiny_official):
+    save_generator(tiny_official, tmp_path / "gen")
+    again = load_generator(tmp_path / "gen")
+    assert again.config == tiny_official.config
+    for (k, a), (k2, b) in zip(tiny_official.state_dict().items(), again.state_dict().items()):
+        assert k == k2 and torch.equal(a, b)
+    with pytest.raises(ValueError, match="num_layers is 2 in the checkpoint and 3"):
+        load_generator(tmp_path / "gen", tiny_official.config.replace(num_layers=3))
+
+
+def test_official_file_round_trip(tmp_path, rar_reference):
+    path = tmp_path / "rar_tiny.bin"
+    torch.save(rar_reference["state_dict"], path)
+    model = load_generator(path)
+    labels = reference_labels(rar_reference, model)
+    with torch.no_grad():
+        logits = model(rar_reference["input_ids"], labels, rar_reference["orders"])
+    assert (logits - rar_reference["train_logits"][:, :16]).abs().max() <= 1e-4
+
+
+def test_fresh_model_init_matches_official_rules():
+    torch.manual_seed(0)
+    model = RAR(RARConfig.preset("tiny"))
+    assert torch.count_nonzero(model.cls_token) == 0
+    for b in model.blocks:  # adaLN-zero
+        assert torch.count_nonzero(b.adaLN_modulation[1].weight) == 0
+    assert 0.015 < model.lm_head.weight.std().item() < 0.025
+    assert torch.all(model.blocks[0].norm1.weight == 1)
