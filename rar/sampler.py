@@ -1,0 +1,184 @@
+"""Sampling: raster-order (or any scan order) decoding with a preallocated KV cache and
+classifier-free guidance on a cosine schedule (paper Sec. 4.1; upstream `RAR.generate`).
+
+Why this is faster than upstream at identical outputs:
+- the adaLN modulation depends only on (class, position), so it is computed for a window of
+  positions in one large matmul per block instead of one skinny matmul per step (about a third
+  of the FLOPs at batch 8, and at batch 1 a third of the weights streamed per step);
+- the KV cache is preallocated (no `torch.cat` growth), and each step embeds only the new token
+  instead of re-embedding the prefix and repeating full position tables.
+
+Randomness: sample i uses its own generator seeded from (seed, indices[i]), with all its uniforms
+drawn up front, so a sample does not depend on the batch it is in or the process that draws it.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .model import KVCache, RAR
+
+MOD_BUDGET_BYTES = 256 * 2**20  # cap on precomputed adaLN outputs held at once
+
+
+def guidance_schedule(guidance_scale: float, power: float, num_steps: int) -> torch.Tensor:
+    """(T,) float32 scales 1 + (g - 1)(1 - cos(pi (t/T)^p)) / 2 with upstream's rounding: (t/T)^p in
+    float64 (a Python float raised to a tensor), the rest in float32. p = 0 gives the constant g (0^0 = 1)."""
+    t = torch.arange(num_steps, dtype=torch.float64) / num_steps
+    ramp = (t ** float(power)).float()  # (T,)
+    step = (1 - torch.cos(ramp * torch.pi)) * 1 / 2
+    return (guidance_scale - 1) * step + 1
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """A 63-bit seed for sample `index` of a run with `seed` (independent streams per sample)."""
+    return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1, np.uint64)[0] >> 1)
+
+
+class CachedDecoder:
+    """Runs one batch of rows through the model position by position with a KV cache.
+
+    rows (R,) labels in [0, C]; order (T,) raster indices in generation order. `prefill()` returns
+    the logits predicting order[0]; `step(tok, j)` feeds the token at order[j] and returns the
+    logits predicting order[j + 1].
+    """
+
+    def __init__(self, model: RAR, rows: torch.Tensor, order: torch.Tensor):
+        cfg = model.config
+        self.model, self.rows, self.order = model, rows, order
+        dtype = next(model.parameters()).dtype
+        self.cache = KVCache(cfg, rows.shape[0], device=rows.device, dtype=dtype)
+        # Distinct labels only (with guidance all unconditional rows share one label).
+        self.labels, self.inverse = torch.unique(rows, return_inverse=True)  # (U,), (R,)
+        self.cond = model.condition(self.labels)  # (U, T+1, D)
+        per_slot = self.labels.numel() * cfg.hidden_size * (6 * cfg.num_layers + 2) * self.cond.element_size()
+        self.window = max(2, min(cfg.num_tokens + 1, MOD_BUDGET_BYTES // per_slot))
+        self.win_start, self.win_mods = None, None
+
+    def _mods(self, start: int, stop: int) -> list[torch.Tensor]:
+        """adaLN outputs of positions start..stop-1 for every row: [(R, stop-start, kD)]."""
+        if self.win_start is None or not (self.win_start <= start and stop <= self.win_start + self.window):
+            self.win_start = start
+            self.win_mods = self.model.modulations(self.cond[:, start:start + self.window])  # [(U, W, kD)]
+        a, b = start - self.win_start, stop - self.win_start
+        return [m[self.inverse, a:b] for m in self.win_mods]
+
+    def prefill(self) -> torch.Tensor:
+        m = self.model
+        first = self.order[0].expand(self.rows.shape[0])
+        h = m.forward_hidden(m.embed_prefix(self.rows, first), self._mods(0, 2), self.cache, start=0)
+        return m.lm_head(h[:, -1]).float()  # (R, V)
+
+    def step(self, tokens: torch.Tensor, j: int) -> torch.Tensor:
+        m, R = self.model, self.rows.shape[0]
+        here = self.order[j].expand(R, 1)
+        nxt = self.order[j + 1].expand(R, 1)
+        x = m.embed_tokens(tokens.view(R, 1), here, nxt)  # (R, 1, D)
+        h = m.forward_hidden(x, self._mods(j + 2, j + 3), self.cache, start=j + 2)  # (R, 1, D)
+        return m.lm_head(h[:, 0]).float()  # (R, V)
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
+    """Keep the top-k logits and/or the smallest set whose probability reaches top_p; the rest -inf."""
+    if top_k is not None and 0 < top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and 0 < top_p < 1:
+        sorted_logits, idx = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > top_p  # mass before this token already reaches top_p
+        logits = logits.masked_fill(drop.scatter(-1, idx, drop), float("-inf"))
+    return logits
+
+
+def _resolve_order(order, model: RAR, device) -> torch.Tensor:
+    from .orders import is_permutation, named_order
+
+    if order is None:
+        return torch.arange(model.config.num_tokens, device=device)
+    if isinstance(order, str):
+        order = named_order(order, model.config.grid_size)
+    order = torch.as_tensor(order, device=device).long()
+    if order.shape != (model.config.num_tokens,) or not is_permutation(order):
+        raise ValueError(f"order must be a scan-order name or a permutation of 0..{model.config.num_tokens - 1}.")
+    return order
+
+
+def _check_labels(labels: torch.Tensor, num_classes: int) -> None:
+    if labels.ndim != 1 or labels.numel() == 0:
+        raise ValueError(f"labels must be a non-empty 1-D tensor of class ids, got shape {tuple(labels.shape)}.")
+    bad = (labels < 0) | (labels > num_classes)
+    if bad.any():
+        raise ValueError(f"class id {int(labels[bad][0])} is outside [0, {num_classes}] "
+                         f"({num_classes} = no class).")
+
+
+@torch.inference_mode()
+def generate(model: RAR, labels, *, guidance_scale: float | None = None, guidance_scale_pow: float | None = None,
+             temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+             generator: torch.Generator | None = None, seed: int | None = None, indices=None,
+             order=None, progress: bool = False) -> torch.Tensor:
+    """Sample image tokens (B, T) in raster layout for class `labels` (B,).
+
+    Unset guidance_scale / guidance_scale_pow / temperature come from the model's preset. A guidance
+    scale of 0 or 1 runs no unconditional rows. Randomness: `seed` (or one integer drawn from
+    `generator`) and each sample's index (`indices`, default 0..B-1) fix its tokens, whatever the batch.
+    """
+    cfg = model.config
+    device = next(model.parameters()).device
+    labels = torch.as_tensor(labels, device=device).long()
+    _check_labels(labels, cfg.num_classes)
+    g = cfg.guidance_scale if guidance_scale is None else float(guidance_scale)
+    p = cfg.guidance_scale_pow if guidance_scale_pow is None else float(guidance_scale_pow)
+    temp = cfg.temperature if temperature is None else float(temperature)
+    if temp <= 0:
+        raise ValueError(f"temperature must be positive, got {temp}.")
+    B, T = labels.shape[0], cfg.num_tokens
+    order = _resolve_order(order, model, device)
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
+    indices = range(B) if indices is None else [int(i) for i in indices]
+    uniforms = torch.stack([torch.rand(T, generator=torch.Generator().manual_seed(sample_seed(seed, i)))
+                            for i in indices]).to(device)  # (B, T)
+    guided = g not in (0.0, 1.0)
+    scales = guidance_schedule(g, p, T).tolist()
+    rows = torch.cat([labels, torch.full_like(labels, cfg.null_label)]) if guided else labels  # (R,)
+    dec = CachedDecoder(model, rows, order)
+    out = torch.empty(B, T, dtype=torch.long, device=device)
+    logits = dec.prefill()  # (R, V)
+    steps = range(T)
+    if progress:
+        from tqdm.auto import tqdm
+        steps = tqdm(steps, desc="sampling", unit="tok", leave=False)
+    for j in steps:
+        if guided:
+            cond, uncond = logits[:B], logits[B:]
+            logits = uncond + (cond - uncond) * scales[j]
+        tok = _draw(logits / temp, top_k, top_p, uniforms[:, j])  # (B,)
+        out[:, order[j]] = tok
+        if j + 1 < T:
+            logits = dec.step(tok.repeat(2) if guided else tok, j)
+    return out
+
+
+def _draw(logits: torch.Tensor, top_k: int | None, top_p: float | None, u: torch.Tensor) -> torch.Tensor:
+    """One token per row by inverse-CDF sampling with the row's own uniform u (B,)."""
+    if top_k == 1:
+        return logits.argmax(-1)
+    probs = filter_logits(logits, top_k, top_p).softmax(-1)  # (B, V)
+    cdf = probs.cumsum(-1)
+    tok = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(1)
+    return tok.clamp_max(logits.shape[-1] - 1)
+
+
+@torch.inference_mode()
+def cached_logits(model: RAR, tokens: torch.Tensor, labels: torch.Tensor, order=None) -> torch.Tensor:
+    """Teacher-forced cached decoding: the (B, T, V) logits the sampler sees at each step when the
+    given tokens are fed. Equals `model(tokens, labels, orders)` (tests hold the two together)."""
+    order = _resolve_order(order, model, tokens.device)
+    dec = CachedDecoder(model, labels, order)
+    out = [dec.prefill()]
+    for j in range(model.config.num_tokens - 1):
+        out.append(dec.step(tokens[:, order[j]], j))
+    return torch.stack(out, dim=1)  # (B, T, V)

@@ -1,0 +1,118 @@
+"""The sampler against the official sampler's outputs, the cached path against the full forward,
+and reproducibility independent of batching."""
+import pytest
+import torch
+
+from rar import RAR, RARConfig
+from rar.orders import named_order, sample_orders
+from rar.sampler import cached_logits, filter_logits, generate, guidance_schedule
+
+from conftest import reference_labels
+
+SETTINGS = {"g16.0_pow2.75": (16.0, 2.75), "g4.0_pow0.0": (4.0, 0.0)}
+
+
+@pytest.mark.parametrize("key", sorted(["g16.0_pow2.75", "g4.0_pow0.0", "g16.0_pow2.75_L256", "g4.0_pow0.0_L256"]))
+def test_guidance_schedule_equals_upstream(rar_reference, key):
+    g, p = SETTINGS[key.removesuffix("_L256")]
+    T = 256 if key.endswith("_L256") else 16
+    torch.testing.assert_close(guidance_schedule(g, p, T), rar_reference["cfg_scales"][key], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("key,g,p", [("g16.0_pow2.75", 16.0, 2.75), ("g4.0_pow0.0", 4.0, 0.0),
+                                     ("nocfg", 0.0, 0.0), ("nocfg", 1.0, 2.75)])
+def test_greedy_decoding_reproduces_official(rar_reference, tiny_official, key, g, p):
+    tokens = generate(tiny_official, rar_reference["greedy_labels"], guidance_scale=g, guidance_scale_pow=p, top_k=1)
+    assert torch.equal(tokens, rar_reference["greedy_tokens"][key])
+
+
+def test_cached_steps_equal_official_kv_path(rar_reference, tiny_official):
+    ref = rar_reference
+    labels = ref["kv_condition"] - tiny_official.config.codebook_size - 1  # [c0, c1, none, none]
+    tokens = torch.cat([ref["kv_tokens"], ref["kv_tokens"]])
+    logits = cached_logits(tiny_official, tokens, labels)  # (4, L, V)
+    torch.testing.assert_close(logits.transpose(0, 1), ref["kv_step_logits"], rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("order", [None, "spiral_in", "z_curve", "random"])
+def test_cached_equals_full_forward_every_step(tiny_official, order):
+    cfg = tiny_official.config
+    g = torch.Generator().manual_seed(5)
+    tokens = torch.randint(0, cfg.codebook_size, (3, cfg.num_tokens), generator=g)
+    tokens = torch.cat([tokens, tokens])  # conditional and "no class" halves, as with guidance
+    labels = torch.tensor([0, 3, 9] + [cfg.num_classes] * 3)
+    if order == "random":
+        order = sample_orders(1, cfg.num_tokens, 1.0, g)[0]
+    o = torch.arange(cfg.num_tokens) if order is None else (
+        named_order(order, cfg.grid_size) if isinstance(order, str) else order)
+    with torch.no_grad():
+        full = tiny_official(tokens, labels, o.expand(6, -1))
+    cached = cached_logits(tiny_official, tokens, labels, order)
+    assert (cached - full).abs().max() <= 1e-5
+
+
+def test_modulation_window_boundaries_do_not_change_logits(tiny_official, monkeypatch):
+    import rar.sampler as sampler
+    tokens = torch.randint(0, 32, (2, 16), generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([1, 10])
+    whole = cached_logits(tiny_official, tokens, labels)
+    monkeypatch.setattr(sampler, "MOD_BUDGET_BYTES", 1)  # forces a window of 2 positions
+    torch.testing.assert_close(cached_logits(tiny_official, tokens, labels), whole, rtol=0, atol=1e-5)
+
+
+def test_same_tokens_whatever_the_batching(tiny_official):
+    labels = torch.tensor([1, 2, 3, 4, 5, 6])
+    kw = dict(guidance_scale=4.0, guidance_scale_pow=1.0, temperature=1.0, seed=123)
+    whole = generate(tiny_official, labels, **kw)
+    parts = [generate(tiny_official, labels[:2], indices=[0, 1], **kw),
+             generate(tiny_official, labels[2:3], indices=[2], **kw),
+             generate(tiny_official, labels[3:], indices=[3, 4, 5], **kw)]
+    assert torch.equal(torch.cat(parts), whole)
+    assert not torch.equal(generate(tiny_official, labels, **{**kw, "seed": 124}), whole)
+    # a generator yields a seed: same generator state, same tokens
+    a = generate(tiny_official, labels, generator=torch.Generator().manual_seed(9))
+    b = generate(tiny_official, labels, generator=torch.Generator().manual_seed(9))
+    assert torch.equal(a, b)
+
+
+def test_named_order_greedy_is_consistent_and_raster_layout(tiny_official):
+    labels = torch.tensor([2, 7])
+    order = named_order("spiral_out", tiny_official.config.grid_size)
+    tokens = generate(tiny_official, labels, guidance_scale=0.0, top_k=1, order="spiral_out")
+    with torch.no_grad():
+        logits = tiny_official(tokens, labels, order.expand(2, -1))
+    # each token (in raster layout) is the argmax predicted at its step of the spiral order
+    assert torch.equal(logits.argmax(-1), tokens[:, order])
+    raster = generate(tiny_official, labels, guidance_scale=0.0, top_k=1)
+    assert not torch.equal(raster, tokens)
+
+
+def test_top_k_and_top_p_filtering():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    keep = torch.isfinite(filter_logits(logits, 2, None))
+    assert keep.tolist() == [[True, True, False, False]]
+    keep = torch.isfinite(filter_logits(logits, None, 0.75))
+    assert keep.tolist() == [[True, True, False, False]]
+    keep = torch.isfinite(filter_logits(logits, None, 0.85))
+    assert keep.tolist() == [[True, True, True, False]]
+    keep = torch.isfinite(filter_logits(logits, None, 0.1))  # never empty
+    assert keep.tolist() == [[True, False, False, False]]
+
+
+def test_sampling_follows_the_distribution():
+    # a model whose output ignores the input: the head bias alone sets the distribution
+    torch.manual_seed(0)
+    model = RAR(RARConfig(32, 1, 2, 64, num_tokens=4, codebook_size=4, num_classes=2)).eval()
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+        model.lm_head.bias.copy_(torch.log(torch.tensor([0.1, 0.2, 0.3, 0.4])))
+    tokens = generate(model, torch.zeros(2000, dtype=torch.long), guidance_scale=1.0, temperature=1.0, seed=0)
+    freq = torch.bincount(tokens.flatten(), minlength=4).float() / tokens.numel()
+    torch.testing.assert_close(freq, torch.tensor([0.1, 0.2, 0.3, 0.4]), atol=0.015, rtol=0)
+    only_top = generate(model, torch.zeros(50, dtype=torch.long), guidance_scale=1.0, top_p=0.35, seed=0)
+    assert (only_top == 3).all()
+
+
+def test_bad_labels_are_rejected(tiny_official):
+    with pytest.raises(ValueError, match="class id 11 is outside"):
+        generate(tiny_official, torch.tensor([1, 11]))
