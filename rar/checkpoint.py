@@ -191,3 +191,20 @@ def load_generator(path: str | os.PathLike, config: RARConfig | None = None, map
     check_state_dict(sd, expected, f"generator {str(path)!r}")
     model.load_state_dict(sd, strict=True, assign=True)
     return model.eval()
+
+
+def to_official_state_dict(model: RAR) -> dict[str, torch.Tensor]:
+    """The model's weights in the official layout (position tables padded back with zero rows that
+    the model never reads), e.g. to run the official code on the same weights."""
+    cfg, sd = model.config, {k: v.detach().clone() for k, v in model.state_dict().items()}
+    d, T = cfg.hidden_size, cfg.num_tokens
+
+    def pad(t: torch.Tensor, before: int, total: int) -> torch.Tensor:
+        out = t.new_zeros(1, total, d)
+        out[:, before:before + t.shape[1]] = t
+        return out
+
+    sd["pos_embed"] = pad(sd["pos_embed"], 0, T + OFFICIAL_POS_EXTRA)
+    sd["target_aware_pos_embed"] = pad(sd["target_aware_pos_embed"], PREFIX, T + OFFICIAL_POS_EXTRA)
+    sd["timesteps_embeddings"] = pad(sd["timesteps_embeddings"], 0, T + OFFICIAL_TIMESTEP_EXTRA)
+    return {k: sd[k] for k in official_shapes(cfg)}

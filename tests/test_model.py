@@ -134,3 +134,13 @@ def test_fresh_model_init_matches_official_rules():
         assert torch.count_nonzero(b.adaLN_modulation[1].weight) == 0
     assert 0.015 < model.lm_head.weight.std().item() < 0.025
     assert torch.all(model.blocks[0].norm1.weight == 1)
+
+
+def test_official_layout_round_trip(rar_reference, tiny_official):
+    from rar.checkpoint import to_official_state_dict
+
+    sd = to_official_state_dict(tiny_official)
+    assert {k: tuple(v.shape) for k, v in sd.items()} == official_shapes(tiny_official.config)
+    again = load_official_generator(sd)
+    for k, v in tiny_official.state_dict().items():
+        assert torch.equal(v, again.state_dict()[k]), k

@@ -1,0 +1,183 @@
+"""Sampling speed of `rar.generate` and, with --official-repo, of the official sampler on the same
+weights in the same run.
+
+    python benchmarks/sample_speed.py --preset rar_b --batch-size 8 [--device cpu|cuda]
+        [--dtype float32|bfloat16] [--official-repo /path/to/1d-tokenizer] [--threads 2]
+
+Each measurement runs in its own subprocess so that peak memory (ru_maxrss) belongs to it alone.
+Weights are random (seeded) and perturbed so that every adaLN layer is active. With
+--official-repo, both samplers decode greedily (top-k 1; upstream's multinomial draw replaced by
+argmax, which costs the same) so that their tokens can be compared for identity. The last output
+line is one JSON object with images_per_s, seconds_per_batch and peak_rss_mib of this package.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+import types
+
+import torch
+
+
+def build_model(preset: str, device: str, dtype: torch.dtype):
+    from rar import RAR, RARConfig
+
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = RAR(RARConfig.preset(preset))
+    model = model.to_empty(device="cpu")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():  # random weights, every adaLN active
+            p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def load_official_class(repo: str):
+    """Import upstream modeling/rar.py with its two heavy imports stubbed: BaseModel is a plain
+    nn.Module and timm's Mlp is an equivalent with the same submodule names."""
+    import importlib.util
+
+    class Mlp(torch.nn.Module):
+        def __init__(self, in_features, hidden_features, act_layer=torch.nn.GELU, drop=0.0, **_):
+            super().__init__()
+            self.fc1, self.act = torch.nn.Linear(in_features, hidden_features), act_layer()
+            self.drop1, self.norm = torch.nn.Dropout(drop), torch.nn.Identity()
+            self.fc2, self.drop2 = torch.nn.Linear(hidden_features, in_features), torch.nn.Dropout(drop)
+
+        def forward(self, x):
+            return self.drop2(self.fc2(self.norm(self.drop1(self.act(self.fc1(x))))))
+
+    sys.modules["modeling"] = types.ModuleType("modeling")
+    sys.modules["modeling.modules"] = types.SimpleNamespace(BaseModel=torch.nn.Module)
+    sys.modules["timm"] = types.ModuleType("timm")
+    sys.modules["timm.layers"] = types.SimpleNamespace(Mlp=Mlp)
+    spec = importlib.util.spec_from_file_location("official_rar", f"{repo}/modeling/rar.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.RAR
+
+
+class _Cfg(dict):
+    def __getattr__(self, k):
+        return self[k]
+
+
+def official_model(repo: str, ours, device, dtype):
+    from rar.checkpoint import to_official_state_dict
+
+    c = ours.config
+    gen = _Cfg(hidden_size=c.hidden_size, num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
+               intermediate_size=c.mlp_size, image_seq_len=c.num_tokens, condition_num_classes=c.num_classes,
+               dropout=c.dropout, attn_drop=c.attn_dropout)
+    config = _Cfg(model=_Cfg(generator=gen, vq_model=_Cfg(codebook_size=c.codebook_size)))
+    with torch.device("meta"):
+        model = load_official_class(repo)(config)
+    model = model.to_empty(device="cpu")
+    model.attn_mask = torch.full((c.num_tokens + 1024,) * 2, float("-inf")).triu_(1)
+    model.load_state_dict(to_official_state_dict(ours.float()), strict=True)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def run_one(args) -> dict:
+    from rar.sampler import generate
+
+    torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    ours = build_model(args.preset, args.device, dtype)
+    cfg = ours.config
+    labels = torch.arange(args.batch_size, device=args.device) * 7 % cfg.num_classes
+    greedy = args.official_repo is not None
+    if args.impl == "official":
+        model = official_model(args.official_repo, ours, args.device, dtype)
+        del ours
+        torch.multinomial = lambda probs, num_samples: probs.argmax(-1, keepdim=True)  # greedy, same cost
+
+        def sample():
+            with torch.no_grad():
+                return model.generate(labels, cfg.guidance_scale, cfg.temperature, cfg.guidance_scale_pow)
+    else:
+        def sample():
+            return generate(ours, labels, top_k=1 if greedy else None, seed=0)
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    times, tokens = [], None
+    for _ in range(args.warmup + args.repeats):
+        sync()
+        t0 = time.perf_counter()
+        tokens = sample()
+        sync()
+        times.append(time.perf_counter() - t0)
+    sec = min(times[args.warmup:])
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if args.device.startswith("cuda"):
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    return {"impl": args.impl, "batch_size": args.batch_size, "seconds_per_batch": sec,
+            "images_per_s": args.batch_size / sec, "peak_rss_mib": peak, "tokens": tokens.cpu().tolist()}
+
+
+def flops_per_image(cfg, guided: bool = True) -> float:
+    """Multiply-adds x 2 of one sampled image: every position through every block, adaLN included."""
+    d, m, T, L = cfg.hidden_size, cfg.mlp_size, cfg.num_tokens, cfg.num_layers
+    per_pos = L * (2 * (3 * d * d + d * d + 2 * d * m + 6 * d * d) + 2 * d * 2 * d) + 2 * d * cfg.codebook_size
+    attn = sum(L * 4 * d * (p + 1) for p in range(T + 1))  # scores and weighted sum over the prefix
+    return (per_pos * (T + 1) + attn) * (2 if guided else 1)
+
+
+def matmul_peak(threads: int, n: int = 2048) -> float:
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3):
+        a @ b
+    t0 = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    return 10 * 2 * n**3 / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="rar_b")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=0)
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--official-repo", default=None, help="checkout of bytedance/1d-tokenizer to compare against")
+    ap.add_argument("--impl", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.impl:  # child process
+        print(json.dumps(run_one(args)))
+        return
+    from rar import RARConfig
+
+    cfg = RARConfig.preset(args.preset)
+    results = {}
+    for impl in (["official"] if args.official_repo else []) + ["ours"]:
+        cmd = [sys.executable, __file__, *sys.argv[1:], "--impl", impl]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        results[impl] = json.loads(out.strip().splitlines()[-1])
+    peak = matmul_peak(args.threads) if args.device == "cpu" else float("nan")
+    flops = flops_per_image(cfg, cfg.guidance_scale not in (0, 1))
+    for impl, r in results.items():
+        frac = flops * r["images_per_s"] / peak
+        print(f"{impl:9s} {args.preset} batch {args.batch_size} {args.dtype} {args.device}: "
+              f"{r['seconds_per_batch']:.2f} s/batch, {r['images_per_s']:.3f} img/s, "
+              f"peak {r['peak_rss_mib']:.0f} MiB, {frac:.1%} of matmul peak")
+    summary = {k: v for k, v in results["ours"].items() if k != "tokens"}
+    summary.update(flops_per_image=flops, matmul_peak_gflops=peak / 1e9, preset=args.preset, dtype=args.dtype)
+    if "official" in results:
+        off = results["official"]
+        summary["speedup_vs_official"] = off["seconds_per_batch"] / results["ours"]["seconds_per_batch"]
+        summary["tokens_identical_to_official"] = off["tokens"] == results["ours"]["tokens"]
+        print(f"speed-up vs official: {summary['speedup_vs_official']:.2f}x; "
+              f"greedy tokens identical: {summary['tokens_identical_to_official']}")
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,217 @@
+"""What a training run writes and reads back: the run folder, atomic checkpoints, metrics.jsonl,
+progress, TensorBoard scalars, sample grids and the loss curve.
+
+Checkpoints are folders `checkpoints/step-NNNNNNN/` holding `state.pt` (model, optimizer, step,
+data position; written by rank 0) and `rng-R.pt` (each rank's RNG state). They are assembled
+under a `.tmp` name and renamed when complete, so a crash never leaves a half-written checkpoint
+that a restart would pick up.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .yamlconf import load_config, save_config, to_dict
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def pick_device(name: str, rank: int) -> str:
+    if name == "auto":
+        return f"cuda:{rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def prepare_out_dir(cfg, out: Path, rank: int) -> None:
+    """Create the run folder and write the resolved config; a resumed run must use the same
+    config except for the keys in RESUMABLE_CHANGES."""
+    from .train_config import RESUMABLE_CHANGES, TrainConfig
+
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        saved_path = out / "config.yaml"
+        if saved_path.is_file() and any((out / "checkpoints").glob("step-*")):
+            saved = _flat(to_dict(load_config(TrainConfig, saved_path)))
+            for key, value in _flat(to_dict(cfg)).items():
+                if key.split(".")[0] not in RESUMABLE_CHANGES and saved.get(key) != value:
+                    raise ValueError(f"{out} holds a run with {key}={saved.get(key)!r}, but this config has "
+                                     f"{key}={value!r}; use another out_dir or the same config to resume.")
+        save_config(cfg, saved_path)
+    _barrier()
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def rng_state() -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict | None) -> None:
+    if not state:
+        return
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(tr, rec: dict) -> Path:
+    ckpts = tr.out / "checkpoints"
+    final = ckpts / f"step-{tr.step:07d}"
+    tmp = ckpts / f"step-{tr.step:07d}.tmp"
+    if tr.rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    torch.save(rng_state(), tmp / f"rng-{tr.rank}.pt")
+    _barrier()
+    if tr.rank == 0:
+        state = {"model": tr.raw.state_dict(), "optimizer": tr.opt.state_dict(), "step": tr.step,
+                 "images_seen": rec["images_seen"], "epoch": rec["epoch"], "world_size": tr.world,
+                 "model_config": tr.raw.config.to_dict()}
+        torch.save(state, tmp / "state.pt")
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)  # atomic: the checkpoint appears complete or not at all
+        for old in sorted(ckpts.glob("step-*[0-9]"))[:-tr.cfg.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def latest_checkpoint(out: Path, rank: int) -> dict | None:
+    """The newest complete checkpoint that loads, with this rank's RNG state under "rng"."""
+    for folder in sorted((out / "checkpoints").glob("step-*[0-9]"), reverse=True):
+        try:
+            state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - an unreadable checkpoint: fall back to an older one
+            print(f"warning: skipping unreadable checkpoint {folder}: {err}")
+            continue
+        rng_file = folder / f"rng-{rank}.pt"
+        state["rng"] = torch.load(rng_file, weights_only=True) if rng_file.is_file() else None
+        return state
+    return None
+
+
+def truncate_metrics(out: Path, step: int) -> None:
+    """Drop records logged after the checkpoint we resume from, so the log reads as one run."""
+    path = out / "metrics.jsonl"
+    if path.is_file():
+        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in keep))
+
+
+class Logger:
+    """metrics.jsonl, a tqdm bar and TensorBoard scalars, on rank 0 only."""
+
+    def __init__(self, cfg, out: Path, rank: int, start: int):
+        self.active, self.t0, self.start, self.last = rank == 0, time.perf_counter(), start, None
+        self.bar = self.tb = None
+        if not self.active:
+            return
+        if cfg.progress:
+            from tqdm.auto import tqdm
+            self.bar = tqdm(total=cfg.max_steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+        if cfg.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(str(out / "tensorboard"))
+            except ImportError:
+                self.tb = None  # tensorboard is optional
+        self.file = open(out / "metrics.jsonl", "a")
+
+    def log(self, rec: dict) -> None:
+        self.last = rec
+        if not self.active:
+            return
+        self.file.write(json.dumps(rec) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in rec.items():
+                if k != "step":
+                    self.tb.add_scalar(f"train/{k}", v, rec["step"])
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", r=f"{rec['random_ratio']:.2f}",
+                                 tok_s=f"{rec['tokens_per_s']:.0f}")
+
+    def progress(self, rec: dict) -> None:
+        if self.bar is not None:
+            self.bar.update(rec["step"] - self.bar.n)
+
+    def close(self) -> dict:
+        if self.active:
+            self.file.close()
+            if self.bar is not None:
+                self.bar.close()
+            if self.tb is not None:
+                self.tb.close()
+        last = self.last or {}
+        return {"steps": last.get("step", self.start), "final_loss": last.get("loss"),
+                "seconds": time.perf_counter() - self.t0}
+
+
+def sample_grid(tr, name: str, per_class: int = 4) -> Path | None:
+    """Decode a grid of samples of fixed classes, one row per class (needs the data's tokenizer)."""
+    from .images import save_grid
+    from .sampler import generate
+    from .vqgan import load_any_tokenizer
+
+    if tr.rank != 0 or not tr.data.tokenizer or not Path(tr.data.tokenizer).exists():
+        return None
+    classes = tr.cfg.sample_classes or list(range(min(10, tr.raw.config.num_classes)))
+    labels = torch.tensor(classes).repeat_interleave(per_class).to(tr.device)
+    was_training = tr.raw.training
+    tr.raw.eval()
+    tokens = generate(tr.raw, labels, seed=0)
+    tr.raw.train(was_training)
+    tokenizer = load_any_tokenizer(tr.data.tokenizer).to(tr.device)
+    with torch.inference_mode():
+        images = tokenizer.decode(tokens)
+    path = tr.out / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return save_grid(images, path, nrow=per_class)
+
+
+def plot_loss(out: Path) -> Path | None:
+    """loss.png: the training loss with the randomness schedule r drawn on a second axis."""
+    path = out / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    recs = [json.loads(line) for line in path.read_text().splitlines() if line]
+    if not recs:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in recs]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    ax.plot(steps, [r["loss"] for r in recs], color="tab:blue", label="loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy loss", color="tab:blue")
+    ax2 = ax.twinx()
+    ax2.plot(steps, [r["random_ratio"] for r in recs], color="tab:orange", linestyle="--", label="r")
+    ax2.set_ylabel("random-order probability r", color="tab:orange")
+    ax2.set_ylim(-0.05, 1.05)
+    ax.set_title("RAR training loss and randomness annealing")
+    fig.tight_layout()
+    fig.savefig(out / "loss.png")
+    plt.close(fig)
+    return out / "loss.png"

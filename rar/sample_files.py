@@ -1,0 +1,88 @@
+"""Sampling to files: class ids or names -> tokens -> images on disk (what `rar sample` does)."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import load_generator
+from .config import RARConfig
+from .sampler import generate
+
+
+def class_names_of(generator_path) -> list[str] | None:
+    """Class names saved beside a generator trained by `rar train` (None for official files)."""
+    meta = Path(generator_path) / "config.json"
+    if meta.is_file():
+        return json.loads(meta.read_text()).get("class_names")
+    return None
+
+
+def parse_classes(text: str, num_classes: int, names: list[str] | None = None) -> list[int]:
+    """"1,7,282" or names ("tench,goldfish") -> class ids, each checked against [0, num_classes)."""
+    lookup = {n.lower(): i for i, n in enumerate(names or [])}
+    out = []
+    for item in (t.strip() for t in text.split(",")):
+        if not item:
+            continue
+        if item.lstrip("-").isdigit():
+            c = int(item)
+        elif item.lower() in lookup:
+            c = lookup[item.lower()]
+        else:
+            known = f"; known names: {', '.join(list(lookup)[:10])}..." if lookup else " (this generator has no class names)"
+            raise ValueError(f"class {item!r} is neither a class id nor a known class name{known}.")
+        if not 0 <= c < num_classes:
+            raise ValueError(f"class id {c} is outside [0, {num_classes}) for this generator.")
+        out.append(c)
+    if not out:
+        raise ValueError("--classes is empty; give class ids such as 1,7,282.")
+    return out
+
+
+def sample_to_folder(generator_path, out_dir, *, classes: str = "0", num_per_class: int = 4, seed: int = 0,
+                     tokenizer=None, preset: str | None = None, batch_size: int = 16, device: str = "cpu",
+                     dtype: str = "float32", progress: bool = True, **sampling) -> str:
+    """Sample `num_per_class` images of each class; writes tokens.npy, labels.npy and, with a
+    tokenizer, grid.png (one row per class) and images/NNNNN_class-C.png. Returns a summary line."""
+    config = RARConfig.preset(preset) if preset else None
+    model = load_generator(generator_path, config).to(device=device, dtype=getattr(torch, dtype))
+    if config is not None:  # sampling settings of the preset, unless given explicitly
+        model.config = model.config.replace(guidance_scale=config.guidance_scale,
+                                            guidance_scale_pow=config.guidance_scale_pow, temperature=config.temperature)
+    ids = parse_classes(classes, model.config.num_classes, class_names_of(generator_path))
+    labels = torch.tensor(ids).repeat_interleave(num_per_class)  # (N,)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    vq = None
+    if tokenizer is not None:
+        from .vqgan import load_any_tokenizer
+        vq = load_any_tokenizer(tokenizer).to(device).eval()
+    from tqdm.auto import tqdm
+
+    tokens, images, t0 = [], [], time.perf_counter()
+    bar = tqdm(total=len(labels), desc="sample", unit="img", disable=not progress)
+    for start in range(0, len(labels), batch_size):
+        idx = range(start, min(start + batch_size, len(labels)))
+        tok = generate(model, labels[start:idx.stop].to(device), seed=seed, indices=idx, **sampling)
+        tokens.append(tok.cpu())
+        if vq is not None:
+            with torch.inference_mode():
+                images.append(vq.decode(tok).float().cpu())
+        bar.update(len(idx))
+    bar.close()
+    seconds = time.perf_counter() - t0
+    tokens = torch.cat(tokens)
+    np.save(out / "tokens.npy", tokens.numpy())
+    np.save(out / "labels.npy", labels.numpy())
+    line = f"{len(labels)} samples in {seconds:.1f} s ({len(labels) / seconds:.2f} img/s); tokens in {out / 'tokens.npy'}"
+    if vq is not None:
+        from .images import save_grid, save_images, to_uint8
+        pics = to_uint8(torch.cat(images))
+        save_grid(pics, out / "grid.png", nrow=num_per_class)
+        save_images(pics, out / "images", [f"{i:05d}_class-{int(c)}" for i, c in enumerate(labels)])
+        line += f"; grid in {out / 'grid.png'}"
+    return line

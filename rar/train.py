@@ -1,0 +1,187 @@
+"""Training RAR (paper Sec. 3): next-token cross-entropy where each sequence is randomly permuted
+with probability r(step), r annealed from 1 to 0, plus class-label dropout for guidance.
+
+Runs as one process or under torchrun (torch.distributed + DistributedDataParallel; the caller
+initialises the process group). Everything random is a pure function of (seed, step) or lives in
+the checkpoint, so a run killed at any point and restarted with the same command continues
+exactly: same batches, same orders, same losses.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from . import run_files
+from .checkpoint import save_generator
+from .config import RARConfig
+from .data import TokenData, gather_batch, global_batch_indices, load_token_shards, mix_seed, synthetic_tokens
+from .model import RAR
+from .orders import drop_labels, random_ratio, sample_orders
+from .train_config import TrainConfig, model_config
+
+
+def compute_loss(model, tokens: torch.Tensor, labels: torch.Tensor, orders: torch.Tensor,
+                 checkpoint: bool = False) -> torch.Tensor:
+    """The RAR objective: cross-entropy of logits[b, j] against tokens[b, orders[b, j]]."""
+    logits = model(tokens, labels, orders, checkpoint=checkpoint)  # (B, T, V)
+    targets = tokens.gather(1, orders)  # (B, T) tokens in factorization order
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Linear warmup to optim.lr, then cosine decay to optim.end_lr at max_steps."""
+    o, warm = cfg.optim, cfg.steps_of(cfg.optim.warmup_steps)
+    if step < warm:
+        return o.lr * (step + 1) / warm
+    progress = (step - warm) / max(1, cfg.max_steps - warm)
+    return o.end_lr + (o.lr - o.end_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on weight matrices only: not on norms, biases, embeddings, position tables, [cls]."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        skip = p.ndim < 2 or "embed" in name or "token" in name or "norm" in name
+        (no_decay if skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def load_data(cfg: TrainConfig) -> TokenData:
+    if cfg.data.synthetic:  # sized like the preset: its tokens per image, codebook and classes
+        mc = RARConfig.preset(cfg.model.preset)
+        return synthetic_tokens(cfg.data.synthetic_samples, mc.num_tokens, mc.codebook_size, mc.num_classes,
+                                seed=cfg.seed)
+    return load_token_shards(cfg.data.path)
+
+
+def step_batch(cfg: TrainConfig, data: TokenData, step: int, num_classes: int, label_dropout: float):
+    """The whole global batch of `step` (identical on every rank): tokens, labels, orders, r."""
+    idx = global_batch_indices(step, cfg.batch_size, len(data), cfg.seed)
+    g = torch.Generator().manual_seed(mix_seed(cfg.seed, step, 1))
+    r = random_ratio(step, cfg.steps_of(cfg.anneal_start), cfg.steps_of(cfg.anneal_end))
+    orders = sample_orders(cfg.batch_size, data.tokens.shape[-1], r, g)  # (G, T)
+    views = torch.randint(0, data.tokens.shape[1] if cfg.data.flip_views else 1, (cfg.batch_size,), generator=g)
+    tokens, labels = gather_batch(data, idx, views)
+    labels = drop_labels(labels, label_dropout, num_classes, g)
+    return tokens, labels, orders, r
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        cfg.validate()
+        self.cfg = cfg
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        if cfg.batch_size % (self.world * cfg.grad_accum):
+            raise ValueError(f"batch_size {cfg.batch_size} must be divisible by processes x grad_accum "
+                             f"= {self.world} x {cfg.grad_accum}.")
+        self.device = torch.device(run_files.pick_device(cfg.device, self.rank))
+        self.out = Path(cfg.out_dir)
+        self.data = load_data(cfg)
+        mcfg = model_config(cfg, self.data.tokens.shape[-1], self.data.codebook_size, self.data.num_classes)
+        torch.manual_seed(cfg.seed)  # same initial weights on every rank
+        self.raw = RAR(mcfg).to(self.device)
+        self.model = self.raw
+        self.opt = torch.optim.AdamW(param_groups(self.raw, cfg.optim.weight_decay), lr=cfg.optim.lr,
+                                     betas=(cfg.optim.beta1, cfg.optim.beta2),
+                                     fused=self.device.type == "cuda" or None)
+        self.step = 0
+        torch.manual_seed(mix_seed(cfg.seed, self.rank, 2))  # dropout masks differ per rank
+
+    def resume(self) -> None:
+        state = run_files.latest_checkpoint(self.out, self.rank)
+        if state is None:
+            return
+        self.raw.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.step = state["step"]
+        run_files.set_rng_state(state.get("rng"))
+        run_files.truncate_metrics(self.out, self.step) if self.rank == 0 else None
+
+    def wrap(self) -> None:
+        if self.cfg.tf32 and self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        if self.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = torch.nn.parallel.DistributedDataParallel(self.raw, device_ids=ids)
+        if self.cfg.compile:
+            self.model = torch.compile(self.model)
+
+    def train_step(self) -> dict:
+        """One optimizer step over this rank's slice of the global batch, in grad_accum chunks."""
+        cfg, mc = self.cfg, self.raw.config
+        tokens, labels, orders, r = step_batch(cfg, self.data, self.step, mc.num_classes, mc.label_dropout)
+        per_rank = cfg.batch_size // self.world
+        mine = slice(self.rank * per_rank, (self.rank + 1) * per_rank)
+        chunks = [t[mine].to(self.device).chunk(cfg.grad_accum) for t in (tokens, labels, orders)]
+        lr = lr_at(cfg, self.step)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if cfg.precision == "bf16" else nullcontext()
+        total = torch.zeros((), device=self.device)
+        for i, (tok, lab, ordr) in enumerate(zip(*chunks)):
+            last = i == cfg.grad_accum - 1
+            sync = nullcontext() if last or self.world == 1 else self.model.no_sync()
+            with sync, autocast:
+                loss = compute_loss(self.model, tok, lab, ordr, cfg.grad_checkpointing) / cfg.grad_accum
+            with sync:
+                loss.backward()
+            total += loss.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.raw.parameters(), cfg.optim.grad_clip or float("inf"))
+        if self.world > 1:
+            dist.all_reduce(total, op=dist.ReduceOp.AVG)
+        loss_value = total.item()
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"loss is {loss_value} at step {self.step + 1}; stopping. The last good "
+                                     f"checkpoint in {self.out / 'checkpoints'} is kept; lower optim.lr or use fp32.")
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.step += 1
+        return {"step": self.step, "loss": loss_value, "lr": lr, "random_ratio": r,
+                "grad_norm": float(grad_norm), "epoch": self.step * cfg.batch_size / len(self.data),
+                "images_seen": self.step * cfg.batch_size}
+
+
+def train(cfg: TrainConfig, on_step=None) -> dict:
+    """Train (or resume) the run in cfg.out_dir; returns a summary. `on_step(step)` is called after
+    every optimizer step (tests use it to kill the process at a chosen step)."""
+    tr = Trainer(cfg)
+    run_files.prepare_out_dir(cfg, tr.out, tr.rank)
+    tr.resume()
+    tr.wrap()
+    logger = run_files.Logger(cfg, tr.out, tr.rank, start=tr.step)
+    tokens_per_step = cfg.batch_size * tr.raw.config.num_tokens
+    last_t, last_step = time.perf_counter(), tr.step
+    while tr.step < cfg.max_steps:
+        rec = tr.train_step()
+        if tr.step % cfg.log_every == 0 or tr.step == cfg.max_steps:
+            now = time.perf_counter()
+            rec["tokens_per_s"] = tokens_per_step * (tr.step - last_step) / max(now - last_t, 1e-9)
+            last_t, last_step = now, tr.step
+            logger.log(rec)
+        logger.progress(rec)
+        if tr.step % cfg.save_every == 0 or tr.step == cfg.max_steps:
+            run_files.save_checkpoint(tr, rec)
+        if cfg.sample_every and tr.step % cfg.sample_every == 0:
+            run_files.sample_grid(tr, f"samples/step-{tr.step:07d}.png")
+        if on_step is not None:
+            on_step(tr.step)
+    summary = logger.close()
+    if tr.rank == 0:
+        save_generator(tr.raw, tr.out / "generator", extra={"class_names": tr.data.class_names,
+                                                            "tokenizer": tr.data.tokenizer, "steps": tr.step})
+        run_files.sample_grid(tr, "samples/final.png")
+        run_files.plot_loss(tr.out)
+        (tr.out / "summary.json").write_text(json.dumps(summary, indent=2))
+    if dist.is_initialized():
+        dist.barrier()
+    return summary

@@ -1,0 +1,145 @@
+"""Training: the schedule in the log, exact resume after SIGKILL, 1 vs 2 processes, NaN stop, export."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from rar.checkpoint import load_generator
+from rar.orders import random_ratio
+from rar.train import lr_at, param_groups, train
+from rar.train_config import TrainConfig
+from rar.yamlconf import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=2", "model.mlp_size=64",
+         "data.synthetic_samples=256", "batch_size=8", "max_steps=12", "save_every=4", "log_every=1",
+         "anneal_start=3", "anneal_end=9", "progress=false", "tensorboard=false", "optim.warmup_steps=2"]
+
+
+def small_config(out, *extra):
+    return load_config(TrainConfig, ROOT / "configs" / "tiny_synthetic.yaml", [f"out_dir={out}", *SMALL, *extra])
+
+
+def read_metrics(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def run_py(code: str, cwd) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=cwd, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_logged_schedule_loss_and_export(tmp_path):
+    cfg = small_config(tmp_path / "run")
+    summary = train(cfg)
+    recs = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in recs] == list(range(1, 13))
+    for r in recs:  # the record of step s describes the update made at step index s - 1
+        assert r["random_ratio"] == random_ratio(r["step"] - 1, 3, 9)
+        assert r["lr"] == lr_at(cfg, r["step"] - 1)
+        assert r["images_seen"] == 8 * r["step"] and r["tokens_per_s"] > 0
+    assert recs[-1]["loss"] < recs[0]["loss"]
+    assert summary["steps"] == 12
+    model = load_generator(tmp_path / "run" / "generator")
+    assert model.config.hidden_size == 32 and model.config.num_tokens == 64
+    assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
+    assert [p.name for p in sorted((tmp_path / "run" / "checkpoints").iterdir())] == ["step-0000008", "step-0000012"]
+
+
+def test_sigkill_and_resume_logs_the_same_losses(tmp_path):
+    base = f"""
+        import os, signal
+        from rar.train import train
+        from rar.train_config import TrainConfig
+        from rar.yamlconf import load_config
+        cfg = load_config(TrainConfig, 'configs/tiny_synthetic.yaml', ['out_dir=%s'] + {SMALL!r})
+        def kill(step):
+            if step == KILL_AT:
+                os.kill(os.getpid(), signal.SIGKILL)
+        train(cfg, on_step=kill)
+    """
+    full = run_py(base.replace("%s", str(tmp_path / "a")).replace("KILL_AT", "-1"), ROOT)
+    assert full.returncode == 0, full.stderr
+    killed = run_py(base.replace("%s", str(tmp_path / "b")).replace("KILL_AT", "7"), ROOT)
+    assert killed.returncode == -9  # really killed, after step 7 (last checkpoint at step 4)
+    assert [r["step"] for r in read_metrics(tmp_path / "b")][-1] == 7
+    resumed = run_py(base.replace("%s", str(tmp_path / "b")).replace("KILL_AT", "-1"), ROOT)
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
+    assert [r["step"] for r in b] == list(range(1, 13))
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+    assert [r["random_ratio"] for r in a] == [r["random_ratio"] for r in b]
+
+
+def test_two_gloo_processes_match_one_process(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = ["train", "configs/tiny_synthetic.yaml", *SMALL, "max_steps=5", "device=cpu"]
+    one = subprocess.run([sys.executable, "-m", "rar", *args, f"out_dir={tmp_path / 'one'}"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+                          "-m", "rar", *args, f"out_dir={tmp_path / 'two'}"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr
+    la = [r["loss"] for r in read_metrics(tmp_path / "one")]
+    lb = [r["loss"] for r in read_metrics(tmp_path / "two")]
+    assert len(la) == len(lb) == 5
+    assert max(abs(x - y) for x, y in zip(la, lb)) <= 1e-5
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    import rar.train as train_mod
+
+    real = train_mod.compute_loss
+    calls = {"n": 0}
+
+    def poisoned(*a, **k):
+        calls["n"] += 1
+        loss = real(*a, **k)
+        return loss * float("nan") if calls["n"] == 6 else loss
+
+    monkeypatch.setattr(train_mod, "compute_loss", poisoned)
+    with pytest.raises(FloatingPointError, match="loss is nan at step 6"):
+        train(small_config(tmp_path / "run"))
+    ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert ckpts == ["step-0000004"]
+
+
+def test_resume_with_a_different_model_is_refused(tmp_path):
+    train(small_config(tmp_path / "run", "max_steps=4"))
+    with pytest.raises(ValueError, match="model.num_layers=2"):
+        train(small_config(tmp_path / "run", "max_steps=8", "model.num_layers=3"))
+    summary = train(small_config(tmp_path / "run", "max_steps=6"))  # a longer run resumes
+    assert summary["steps"] == 6 and [r["step"] for r in read_metrics(tmp_path / "run")] == list(range(1, 7))
+
+
+def test_config_rejects_unknown_keys_and_bad_types(tmp_path):
+    with pytest.raises(ValueError, match="optim.lrr"):
+        small_config(tmp_path, "optim.lrr=1")
+    with pytest.raises(ValueError, match="max_steps"):
+        small_config(tmp_path, "max_steps=many")
+
+
+def test_weight_decay_groups_and_lr_schedule():
+    from rar import RAR, RARConfig
+
+    model = RAR(RARConfig.preset("tiny"))
+    decay, no_decay = param_groups(model, 0.03)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert "blocks.0.attn.qkv.weight" in decayed and "lm_head.weight" in decayed
+    assert "blocks.0.adaLN_modulation.1.weight" in decayed
+    for skipped in ("embeddings.weight", "pos_embed", "target_aware_pos_embed", "timesteps_embeddings",
+                    "cls_token", "blocks.0.norm1.weight", "blocks.0.attn.q_norm.weight", "lm_head.bias"):
+        assert skipped not in decayed
+    cfg = load_config(TrainConfig, None, ["max_steps=100", "optim.warmup_steps=10", "optim.lr=1e-3",
+                                          "optim.end_lr=1e-5", "data.synthetic=true"])
+    assert lr_at(cfg, 0) == pytest.approx(1e-4)
+    assert lr_at(cfg, 9) == pytest.approx(1e-3)
+    assert lr_at(cfg, 55) == pytest.approx(1e-5 + (1e-3 - 1e-5) * 0.5)
+    assert lr_at(cfg, 100) == pytest.approx(1e-5)
