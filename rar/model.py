@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from .config import RARConfig
 
@@ -53,6 +54,11 @@ class KVCache:
         return self.keys[i], self.values[i]
 
 
+def _attention(q, k, v, mask, dropout_p: float, causal: bool) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
+                                          is_causal=causal and mask is None)
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, attn_dropout: float, dropout: float):
         super().__init__()
@@ -82,8 +88,13 @@ class Attention(nn.Module):
                 i = torch.arange(N, device=x.device)[:, None] + start
                 mask = torch.arange(start + N, device=x.device)[None, :] <= i  # (N, start+N)
         p = self.attn_dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p,
-                                             is_causal=causal and mask is None)  # (B, H, N, Dh)
+        if p > 0 and torch.is_grad_enabled():
+            # Dropout forces the unfused kernel, which would keep four (B, H, N, N) matrices per layer
+            # for the backward pass; recomputing them there (same RNG state, same mask) costs ~5% of
+            # the FLOPs and frees most of the activation memory.
+            out = torch.utils.checkpoint.checkpoint(_attention, q, k, v, mask, p, causal, use_reentrant=False)
+        else:
+            out = _attention(q, k, v, mask, p, causal)  # (B, H, N, Dh)
         out = out.transpose(1, 2).reshape(B, N, D)
         return self.proj_drop(self.proj(out))
 

@@ -144,3 +144,34 @@ def test_official_layout_round_trip(rar_reference, tiny_official):
     again = load_official_generator(sd)
     for k, v in tiny_official.state_dict().items():
         assert torch.equal(v, again.state_dict()[k]), k
+
+
+def test_recomputed_attention_dropout_gives_the_same_gradients(monkeypatch):
+    """Attention dropout is recomputed in backward (memory); masks and gradients must not change."""
+    import torch.utils.checkpoint as ckpt
+
+    cfg = RARConfig(32, 2, 2, 64, num_tokens=16, codebook_size=16, num_classes=3, dropout=0.1, attn_dropout=0.3)
+    torch.manual_seed(0)
+    model = RAR(cfg).train()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    tokens = torch.randint(0, 16, (4, 16))
+    labels = torch.tensor([0, 1, 2, 3])
+    orders = sample_orders(4, 16, 1.0, torch.Generator().manual_seed(0))
+
+    def grads():
+        model.zero_grad()
+        torch.manual_seed(7)
+        model(tokens, labels, orders).logsumexp(-1).mean().backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    recomputed = grads()
+    monkeypatch.setattr(ckpt, "checkpoint", lambda fn, *args, **kw: fn(*args))  # keep the matrices instead
+    kept = grads()
+    for a, b in zip(recomputed, kept):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    torch.manual_seed(8)
+    other = model(tokens, labels, orders).logsumexp(-1).mean()
+    torch.manual_seed(7)
+    assert other.item() != model(tokens, labels, orders).logsumexp(-1).mean().item()  # dropout is active

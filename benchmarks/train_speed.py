@@ -1,0 +1,139 @@
+"""Training-step speed and peak memory of the preset's real training step, and with
+--official-repo the official model and loss on the same weights and batches, in the same run.
+
+    python benchmarks/train_speed.py --preset rar_b --batch-size 8 --steps 3 [--device cpu|cuda]
+        [--precision fp32|bf16] [--official-repo /path/to/1d-tokenizer] [--threads 2]
+
+The step: dropout and attention dropout of the preset (0.1), r = 1 (every sequence permuted),
+label dropout 0.1, AdamW with weight decay on weight matrices only, grad-norm clipping at 1.0.
+Each implementation runs in its own subprocess, so peak RSS (ru_maxrss) is its own. Before
+training, both compute the loss of the first batch in eval mode (no dropout): the two must agree.
+The last output line is one JSON object with tokens_per_s and peak_rss_mib of this package.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from sample_speed import official_model  # noqa: E402  (same official-code loader)
+
+
+def batches(cfg, batch_size: int, steps: int):
+    from rar.orders import drop_labels, sample_orders
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps + 1):
+        tokens = torch.randint(0, cfg.codebook_size, (batch_size, cfg.num_tokens), generator=g)
+        labels = drop_labels(torch.randint(0, cfg.num_classes, (batch_size,), generator=g), 0.1, cfg.null_label, g)
+        yield tokens, labels, sample_orders(batch_size, cfg.num_tokens, 1.0, g)
+
+
+def official_groups(model, weight_decay):
+    """Upstream's grouping rule (utils/train_utils.py create_optimizer)."""
+    skip = lambda n, p: p.ndim < 2 or any(s in n for s in ("ln", "bias", "embedding", "norm", "gamma", "embed"))
+    return [{"params": [p for n, p in model.named_parameters() if skip(n, p)], "weight_decay": 0.0},
+            {"params": [p for n, p in model.named_parameters() if not skip(n, p)], "weight_decay": weight_decay}]
+
+
+def run_one(args) -> dict:
+    from rar import RAR, RARConfig
+    from rar.train import compute_loss, param_groups
+
+    torch.set_num_threads(args.threads)
+    cfg = RARConfig.preset(args.preset)
+    torch.manual_seed(0)
+    ours = RAR(cfg)
+    with torch.no_grad():  # adaLN-zero would make every block an identity; perturb like the fixtures
+        g = torch.Generator().manual_seed(1)
+        for p in ours.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.02)
+    if args.impl == "official":
+        model = official_model(args.official_repo, ours, args.device, torch.float32)
+        del ours
+        groups = official_groups(model, 0.03)
+
+        def loss_fn(tokens, labels, orders):
+            cond = labels + cfg.codebook_size + 1
+            logits, targets = model.forward_fn(tokens, cond, return_labels=True, orders=orders)
+            return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten())
+    else:
+        model = ours.to(args.device)
+        groups = param_groups(model, 0.03)
+
+        def loss_fn(tokens, labels, orders):
+            return compute_loss(model, tokens, labels, orders, checkpoint=args.grad_checkpointing)
+    opt = torch.optim.AdamW(groups, lr=4e-4, betas=(0.9, 0.96))
+    autocast = torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16) if args.precision == "bf16" else nullcontext()
+    data = [tuple(t.to(args.device) for t in b) for b in batches(cfg, args.batch_size, args.steps)]
+    model.eval()
+    with torch.no_grad():
+        eval_loss = loss_fn(*data[0]).item()
+    model.train()
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    times, losses = [], []
+    for tokens, labels, orders in data[1:]:
+        sync()
+        t0 = time.perf_counter()
+        with autocast:
+            loss = loss_fn(tokens, labels, orders)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync()
+        times.append(time.perf_counter() - t0)
+        losses.append(loss.item())
+    sec = sorted(times[1:] or times)[len(times[1:] or times) // 2]  # median, first step is warm-up
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if args.device.startswith("cuda"):
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    return {"impl": args.impl, "tokens_per_s": args.batch_size * cfg.num_tokens / sec, "seconds_per_step": sec,
+            "peak_rss_mib": peak, "eval_loss": eval_loss, "losses": losses}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="rar_b")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--grad-checkpointing", action="store_true")
+    ap.add_argument("--official-repo", default=None)
+    ap.add_argument("--impl", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.impl:
+        print(json.dumps(run_one(args)))
+        return
+    results = {}
+    for impl in (["official"] if args.official_repo else []) + ["ours"]:
+        cmd = [sys.executable, __file__, *sys.argv[1:], "--impl", impl]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        results[impl] = json.loads(out.strip().splitlines()[-1])
+        r = results[impl]
+        print(f"{impl:9s} {args.preset} batch {args.batch_size} {args.precision} {args.device}: "
+              f"{r['tokens_per_s']:.1f} tokens/s, {r['seconds_per_step']:.2f} s/step, peak {r['peak_rss_mib']:.0f} MiB, "
+              f"eval loss {r['eval_loss']:.6f}, train losses {[round(x, 4) for x in r['losses']]}")
+    summary = {k: v for k, v in results["ours"].items() if k != "losses"}
+    if "official" in results:
+        off = results["official"]
+        summary.update(speedup_vs_official=summary["tokens_per_s"] / off["tokens_per_s"],
+                       memory_vs_official=summary["peak_rss_mib"] / off["peak_rss_mib"],
+                       eval_loss_abs_diff=abs(summary["eval_loss"] - off["eval_loss"]))
+        print(f"vs official: {summary['speedup_vs_official']:.2f}x tokens/s, {summary['memory_vs_official']:.2f}x "
+              f"peak memory, eval-loss difference {summary['eval_loss_abs_diff']:.2e}")
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
