@@ -98,7 +98,102 @@ def _run_sample(args) -> None:
     print(summary)
 
 
-SUBCOMMANDS = [_add_info, _add_train, _add_sample]
+def _add_sample_eval(sub) -> None:
+    p = sub.add_parser("sample-eval", help="sample N images into an ADM .npz for FID (resumable, torchrun-parallel)")
+    p.add_argument("--generator", required=True)
+    p.add_argument("--tokenizer", required=True)
+    p.add_argument("--out", required=True, help="the .npz to write, e.g. rar_b_samples.npz")
+    p.add_argument("--num-per-class", type=int, default=50)
+    p.add_argument("--num-classes", type=int, default=None, help="classes 0..N-1 (default: all of the generator's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--chunk-size", type=int, default=256)
+    p.add_argument("--guidance-scale", type=float, default=None)
+    p.add_argument("--guidance-scale-pow", type=float, default=None)
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.set_defaults(func=_run_sample_eval)
+
+
+def _run_sample_eval(args) -> None:
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    from .checkpoint import load_generator
+    from .sample_eval import assemble_npz, sample_eval
+    from .vqgan import load_any_tokenizer
+
+    _init_distributed(args.device)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    device = args.device
+    if device == "cuda" and world > 1:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    model = load_generator(args.generator).to(device=device, dtype=getattr(torch, args.dtype))
+    tokenizer = load_any_tokenizer(args.tokenizer).to(device).eval()
+    res = sample_eval(model, tokenizer, args.out, num_per_class=args.num_per_class, num_classes=args.num_classes,
+                      seed=args.seed, batch_size=args.batch_size, chunk_size=args.chunk_size, rank=rank,
+                      world_size=world, guidance_scale=args.guidance_scale, guidance_scale_pow=args.guidance_scale_pow,
+                      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    if dist.is_initialized():
+        dist.barrier()
+    if rank == 0 and not res.get("complete"):
+        assemble_npz(args.out, res["total"], args.chunk_size)
+    if rank == 0:
+        print(f"{res['total']} samples in {args.out} (this run sampled {res['images']} images in "
+              f"{res['seconds']:.1f} s; {res['chunks_skipped']} chunks were already done)")
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="the whole pipeline on MNIST digits, offline on a CPU (about 15 min; --quick 3)")
+    p.add_argument("--out", default="demo_out", help="output folder; finished stages are reused on a re-run")
+    p.add_argument("--quick", action="store_true", help="shorter training (same outputs, less accurate)")
+    p.set_defaults(func=_run_demo)
+
+
+def _run_demo(args) -> None:
+    from .demo import format_metrics, run_demo
+
+    metrics = run_demo(args.out, quick=args.quick)
+    print(format_metrics(metrics))
+    print(f"wrote {args.out}/samples.png, samples.npz, loss.png, reconstructions.png, metrics.json")
+
+
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="FID / sFID / IS / precision / recall of an ADM .npz against a reference batch")
+    p.add_argument("samples", help="ADM-layout .npz (arr_0 uint8 N x H x W x 3), e.g. from rar sample-eval")
+    p.add_argument("--ref", required=True, help="reference batch, e.g. VIRTUAL_imagenet256_labeled.npz")
+    p.add_argument("--inception-weights", default=None,
+                   help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth (else the torch hub cache)")
+    p.add_argument("--download", action="store_true", help="download the Inception weights if missing (online)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.set_defaults(func=_run_evaluate)
+
+
+def _run_evaluate(args) -> None:
+    import json
+
+    import torch
+
+    from .inception import load_inception
+    from .metrics import evaluate_npz
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    extractor = load_inception(weights_path=args.inception_weights, download=args.download)
+    res = evaluate_npz(args.samples, args.ref, extractor, batch_size=args.batch_size, device=device)
+    for key, label in [("fid", "FID"), ("sfid", "sFID"), ("inception_score", "Inception Score"),
+                       ("precision", "Precision"), ("recall", "Recall")]:
+        if key in res:
+            print(f"{label}: {res[key]:.4f}")
+    print(json.dumps(res))
+
+
+SUBCOMMANDS = [_add_demo, _add_info, _add_train, _add_sample, _add_sample_eval, _add_evaluate]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -60,7 +60,9 @@ def load_data(cfg: TrainConfig) -> TokenData:
         mc = RARConfig.preset(cfg.model.preset)
         return synthetic_tokens(cfg.data.synthetic_samples, mc.num_tokens, mc.codebook_size, mc.num_classes,
                                 seed=cfg.seed)
-    return load_token_shards(cfg.data.path)
+    data = load_token_shards(cfg.data.path)
+    data.tokenizer = cfg.data.tokenizer or data.tokenizer
+    return data
 
 
 def step_batch(cfg: TrainConfig, data: TokenData, step: int, num_classes: int, label_dropout: float):

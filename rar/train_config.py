@@ -31,6 +31,7 @@ class ModelSection:
 @dataclass
 class DataSection:
     path: str = ""  # a folder written by `rar tokenize`
+    tokenizer: str = ""  # the tokenizer that made the tokens: decodes the sample grids (optional)
     synthetic: bool = False  # use rar.data.synthetic_tokens instead (smoke tests, trying the command)
     synthetic_samples: int = 2048
     flip_views: bool = True  # pick a random stored view (e.g. the horizontal flip) per sample
