@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -131,3 +131,44 @@ def load_rgb(path: Union[str, os.PathLike]) -> Image.Image:
     """Open an image file fully (so a truncated file fails here, not later) as RGB."""
     with Image.open(path) as img:
         return img.convert("RGB")
+
+
+def list_image_folder(root: Union[str, os.PathLike]) -> tuple[list[Path], np.ndarray, list[str]]:
+    """ImageNet layout: one subfolder per class (class index = position in sorted names);
+    image files found recursively, sorted. Returns (paths, labels (N,) int64, class names)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {str(root)!r} does not exist: expected a folder with one "
+                                "subfolder of images per class.")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if not classes:
+        raise ValueError(f"image folder {str(root)!r} has no class subfolders: expected root/CLASS/IMAGE files.")
+    paths, labels = [], []
+    for idx, name in enumerate(classes):
+        for dirpath, dirnames, files in os.walk(root / name, followlinks=True):
+            dirnames.sort()
+            for f in sorted(files):
+                if f.lower().endswith(IMAGE_EXTENSIONS):
+                    paths.append(Path(dirpath) / f)
+                    labels.append(idx)
+    if not paths:
+        raise ValueError(f"image folder {str(root)!r} has class folders but no image files ({', '.join(IMAGE_EXTENSIONS)}).")
+    return paths, np.asarray(labels, np.int64), classes
+
+
+def load_folder_images(root, resolution: int, limit: Optional[int] = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """The first `limit` images of a class folder, ADM-center-cropped: uint8 (N, R, R, 3), labels,
+    class names. Unreadable files are skipped (for small datasets and reconstruction checks)."""
+    paths, labels, classes = list_image_folder(root)
+    images, kept = [], []
+    for i, p in enumerate(paths):
+        if limit is not None and len(images) >= limit:
+            break
+        try:
+            images.append(np.asarray(center_crop_adm(load_rgb(p), resolution)))
+            kept.append(i)
+        except (OSError, ValueError, Image.DecompressionBombError):
+            continue
+    if not images:
+        raise ValueError(f"no readable images in {str(root)!r}.")
+    return np.stack(images), labels[kept], classes

@@ -291,6 +291,8 @@ def infer_config(state: Mapping[str, torch.Tensor], resolution: int = 256) -> VQ
     def shape(key: str) -> tuple:
         if key not in state:
             raise ValueError(f"cannot infer the tokenizer configuration: key {key!r} is missing from the checkpoint.")
+        if not torch.is_tensor(state[key]):
+            raise ValueError(f"checkpoint key {key!r} is {_shape(state[key])}.")
         return tuple(state[key].shape)
 
     hidden, channels = shape("encoder.conv_in.weight")[:2]
@@ -312,6 +314,10 @@ def infer_config(state: Mapping[str, torch.Tensor], resolution: int = 256) -> VQ
     return VQGANConfig(int(hidden), tuple(mult), len(blocks), int(z), resolution, int(k), int(channels))
 
 
+def _shape(value) -> object:
+    return list(value.shape) if torch.is_tensor(value) else f"a {type(value).__name__}, not a tensor"
+
+
 def _load_strict(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
@@ -320,12 +326,11 @@ def _load_strict(model: nn.Module, state: Mapping[str, torch.Tensor], source: st
                          + (f" and {len(missing) - 1} more" if len(missing) > 1 else "") + ".")
     extra = [k for k in state if k not in expected]
     if extra:
-        raise ValueError(f"{source} has unexpected key {extra[0]!r} with shape {list(state[extra[0]].shape)}"
+        raise ValueError(f"{source} has unexpected key {extra[0]!r} with shape {_shape(state[extra[0]])}"
                          + (f" and {len(extra) - 1} more" if len(extra) > 1 else "") + "; the model has no such key.")
     for k, v in expected.items():
         if not torch.is_tensor(state[k]) or tuple(state[k].shape) != tuple(v.shape):
-            got = list(state[k].shape) if torch.is_tensor(state[k]) else type(state[k]).__name__
-            raise ValueError(f"{source}: key {k!r} has shape {got} in the checkpoint but the model expects "
+            raise ValueError(f"{source}: key {k!r} has shape {_shape(state[k])} in the checkpoint but the model expects "
                              f"{list(v.shape)}.")
     model.load_state_dict({k: state[k] for k in expected}, strict=True)
 
@@ -379,10 +384,13 @@ def save_tokenizer(model: VQGAN, directory: Union[str, os.PathLike]) -> Path:
 
 
 def load_tokenizer(path: Union[str, os.PathLike]) -> VQGAN:
-    """Load a tokenizer saved by `save_tokenizer` (its directory, or the .safetensors inside it)."""
+    """Load a tokenizer saved by `save_tokenizer`: its directory, the .safetensors inside it, or
+    the out_dir of a `train_tokenizer` run (which holds it under `tokenizer/`)."""
     from safetensors.torch import load_file
 
     p = Path(path)
+    if p.is_dir() and not (p / "model.safetensors").exists() and (p / "tokenizer" / "model.safetensors").exists():
+        p = p / "tokenizer"  # the out_dir of a train_tokenizer run
     weights = p if p.suffix == ".safetensors" else p / "model.safetensors"
     cfg_file = weights.parent / "config.json"
     for f in (weights, cfg_file):
