@@ -174,7 +174,7 @@ def load_generator(path: str | os.PathLike, config: RARConfig | None = None, map
     from safetensors.torch import load_file
 
     path = Path(path)
-    if path.is_file() and path.suffix in (".bin", ".pt", ".pth"):
+    if path.suffix in (".bin", ".pt", ".pth"):
         return load_official_generator(path, config)
     folder = path if path.is_dir() else path.parent
     if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():

@@ -193,7 +193,76 @@ def _run_evaluate(args) -> None:
     print(json.dumps(res))
 
 
-SUBCOMMANDS = [_add_demo, _add_info, _add_train, _add_sample, _add_sample_eval, _add_evaluate]
+def _add_train_tokenizer(sub) -> None:
+    p = sub.add_parser("train-tokenizer", help="train a small MaskGIT-VQGAN on an image dataset")
+    p.add_argument("config", nargs="?", default=None, help="YAML config, e.g. configs/tokenizer_digits.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. steps=2000 data.path=DIR")
+    p.add_argument("--quick", action="store_true", help="a short run (same outputs, lower quality)")
+    p.set_defaults(func=_run_train_tokenizer)
+
+
+def _run_train_tokenizer(args) -> None:
+    from .tokenizer_train import format_report, train_tokenizer_from_yaml
+
+    print(format_report(train_tokenizer_from_yaml(args.config, args.overrides, quick=args.quick)))
+
+
+def _add_tokenize(sub) -> None:
+    p = sub.add_parser("tokenize", help="images -> token shards for training (torchrun-parallel, resumable)")
+    p.add_argument("--tokenizer", required=True, help="official maskgit-vqgan-imagenet-f16-256.bin or a folder")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", help="image folder in the ImageNet layout (one subfolder per class)")
+    src.add_argument("--dataset", choices=["digits"], help="the built-in MNIST demo digits (train split)")
+    p.add_argument("--out", required=True, help="output folder of token shards")
+    p.add_argument("--resolution", type=int, default=None, help="default: the tokenizer's")
+    p.add_argument("--no-flip", action="store_true", help="do not store a horizontally flipped view")
+    p.add_argument("--ten-crop", action="store_true", help="LlamaGen-style ten-crop views")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--shard-size", type=int, default=10_000)
+    p.add_argument("--num-workers", type=int, default=4, help="image-decoding threads")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_run_tokenize)
+
+
+def _run_tokenize(args) -> None:
+    import os
+
+    from .shards import rank_and_world_size, tokenize_digits, tokenize_folder
+
+    rank, world = rank_and_world_size(os.environ)
+    kw = dict(resolution=args.resolution, flip=not args.no_flip, ten_crop=args.ten_crop, batch_size=args.batch_size,
+              shard_size=args.shard_size, rank=rank, world_size=world, device=args.device, verbose=False)
+    if args.dataset == "digits":
+        report = tokenize_digits(args.tokenizer, args.out, **kw)
+    else:
+        report = tokenize_folder(args.tokenizer, args.data, args.out, num_workers=args.num_workers, **kw)
+    print(report.summary())
+
+
+def _add_reconstruct(sub) -> None:
+    p = sub.add_parser("reconstruct", help="encode and decode a few images: original | reconstruction grid and PSNR")
+    p.add_argument("--tokenizer", required=True)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", help="image folder (the first --num images, center-cropped)")
+    src.add_argument("--dataset", choices=["digits"], help="held-out MNIST demo digits")
+    p.add_argument("--num", type=int, default=16)
+    p.add_argument("--resolution", type=int, default=None)
+    p.add_argument("--out", default="reconstructions.png")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_run_reconstruct)
+
+
+def _run_reconstruct(args) -> None:
+    from .tokenizer_train import reconstruct
+
+    res = reconstruct(args.tokenizer, args.out, data=args.data, dataset=args.dataset, n=args.num,
+                      resolution=args.resolution, device=args.device)
+    print(f"PSNR {res['psnr']:.2f} dB over {res['images']} images, codebook usage "
+          f"{100 * res['codebook_usage']:.1f}%; grid in {res.get('grid', args.out)}")
+
+
+SUBCOMMANDS = [_add_demo, _add_info, _add_train_tokenizer, _add_tokenize, _add_reconstruct, _add_train, _add_sample,
+               _add_sample_eval, _add_evaluate]
 
 
 def build_parser() -> argparse.ArgumentParser:
