@@ -143,3 +143,15 @@ def test_weight_decay_groups_and_lr_schedule():
     assert lr_at(cfg, 9) == pytest.approx(1e-3)
     assert lr_at(cfg, 55) == pytest.approx(1e-5 + (1e-3 - 1e-5) * 0.5)
     assert lr_at(cfg, 100) == pytest.approx(1e-5)
+
+
+@pytest.mark.parametrize("name", ["rar_b", "rar_l", "rar_xl", "rar_xxl"])
+def test_official_recipe_configs(name):
+    cfg = load_config(TrainConfig, ROOT / "configs" / f"{name}.yaml")
+    cfg.validate()
+    assert cfg.model.preset == name and cfg.batch_size == 2048 and cfg.max_steps == 250_000
+    assert (cfg.steps_of(cfg.anneal_start), cfg.steps_of(cfg.anneal_end)) == (125_000, 187_500)
+    o = cfg.optim
+    assert (o.lr, o.beta1, o.beta2, o.weight_decay, o.end_lr, o.grad_clip) == (4e-4, 0.9, 0.96, 0.03, 1e-5, 1.0)
+    assert cfg.steps_of(o.warmup_steps) == 62_500 and cfg.precision == "bf16"
+    assert (cfg.model.dropout, cfg.model.attn_dropout, cfg.model.label_dropout) == (0.1, 0.1, 0.1)
