@@ -114,8 +114,10 @@ def truncate_metrics(out: Path, step: int) -> None:
     """Drop records logged after the checkpoint we resume from, so the log reads as one run."""
     path = out / "metrics.jsonl"
     if path.is_file():
-        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in keep))
+        lines = path.read_text().splitlines()
+        keep = [line for line in lines if line and json.loads(line)["step"] <= step]
+        if keep != lines:
+            path.write_text("".join(line + "\n" for line in keep))
 
 
 class Logger:

@@ -107,7 +107,8 @@ class Trainer:
         self.opt.load_state_dict(state["optimizer"])
         self.step = state["step"]
         run_files.set_rng_state(state.get("rng"))
-        run_files.truncate_metrics(self.out, self.step) if self.rank == 0 else None
+        if self.rank == 0:
+            run_files.truncate_metrics(self.out, self.step)
 
     def wrap(self) -> None:
         if self.cfg.tf32 and self.device.type == "cuda":

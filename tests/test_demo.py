@@ -1,0 +1,38 @@
+"""`rar demo --quick` end to end on the real MNIST digits, then a re-run that reuses every stage."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_quick_demo_outputs_and_reuse(tmp_path):
+    out = tmp_path / "demo"
+    cmd = [sys.executable, "-m", "rar", "demo", "--quick", "--out", str(out)]
+    first = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stderr[-3000:]
+    for name in ("samples.png", "samples.npz", "loss.png", "reconstructions.png", "metrics.json"):
+        assert (out / name).is_file(), name
+    with np.load(out / "samples.npz") as z:
+        images, labels = z["arr_0"], z["arr_1"]
+    assert images.dtype == np.uint8 and images.shape == (1000, 32, 32, 3)
+    assert np.bincount(labels).tolist() == [100] * 10
+    assert Image.open(out / "samples.png").size == (10 * 34 + 2, 10 * 34 + 2)  # 10 x 10, one row per digit
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["classifier_heldout_accuracy"] > 0.9
+    assert m["sample_class_accuracy"] > 0.6  # quick mode is less accurate; the full run is in BENCHMARKS.md
+    assert m["fd_mnist_classifier_features"] > m["fd_floor_heldout_vs_train"] > 0
+    assert "FD in MNIST-classifier features (not FID)" in first.stdout
+
+    finished = [out / "tokenizer" / "tokenizer" / "model.safetensors", *(out / "rar" / "checkpoints").iterdir(),
+                out / "tokens" / "manifest.json", out / "rar" / "metrics.jsonl"]
+    stamps = [p.stat().st_mtime_ns for p in finished]
+    npz_bytes = (out / "samples.npz").read_bytes()
+    second = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert [p.stat().st_mtime_ns for p in finished] == stamps  # tokenizer, tokens and RAR reused, not redone
+    assert (out / "samples.npz").read_bytes() == npz_bytes
