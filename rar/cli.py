@@ -72,6 +72,9 @@ def _add_sample(sub) -> None:
     p.add_argument("--tokenizer", default=None, help="VQGAN to decode tokens into images (official .bin or folder)")
     p.add_argument("--preset", default=None, help="check the generator against this preset and use its sampling settings")
     p.add_argument("--classes", default="0", help="comma-separated class ids or names, e.g. 1,7,282")
+    p.add_argument("--class-names", default=None,
+                   help="text file with one class name per line (e.g. ImageNet's, in class-id order); "
+                        "generators trained with rar train carry their own")
     p.add_argument("--num-per-class", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--guidance-scale", type=float, default=None)
@@ -91,7 +94,7 @@ def _run_sample(args) -> None:
     from .sample_files import sample_to_folder
 
     summary = sample_to_folder(
-        args.generator, args.out, classes=args.classes, num_per_class=args.num_per_class, seed=args.seed,
+        args.generator, args.out, classes=args.classes, class_names=args.class_names, num_per_class=args.num_per_class, seed=args.seed,
         tokenizer=args.tokenizer, preset=args.preset, batch_size=args.batch_size, device=args.device,
         dtype=args.dtype, guidance_scale=args.guidance_scale, guidance_scale_pow=args.guidance_scale_pow,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, order=args.order)

@@ -23,7 +23,7 @@ def class_names_of(generator_path) -> list[str] | None:
 
 def parse_classes(text: str, num_classes: int, names: list[str] | None = None) -> list[int]:
     """"1,7,282" or names ("tench,goldfish") -> class ids, each checked against [0, num_classes)."""
-    lookup = {n.lower(): i for i, n in enumerate(names or [])}
+    lookup = {syn.strip().lower(): i for i, n in enumerate(names or []) for syn in n.split(",") if syn.strip()}
     out = []
     for item in (t.strip() for t in text.split(",")):
         if not item:
@@ -43,7 +43,16 @@ def parse_classes(text: str, num_classes: int, names: list[str] | None = None) -
     return out
 
 
-def sample_to_folder(generator_path, out_dir, *, classes: str = "0", num_per_class: int = 4, seed: int = 0,
+def read_class_names(path) -> list[str]:
+    """One name per line, in class-id order; several comma-separated synonyms on a line all match."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"class-names file {str(p)!r} does not exist; expected one class name per line.")
+    return [line.strip() for line in p.read_text().splitlines() if line.strip()]
+
+
+def sample_to_folder(generator_path, out_dir, *, classes: str = "0", class_names=None, num_per_class: int = 4,
+                     seed: int = 0,
                      tokenizer=None, preset: str | None = None, batch_size: int = 16, device: str = "cpu",
                      dtype: str = "float32", progress: bool = True, **sampling) -> str:
     """Sample `num_per_class` images of each class; writes tokens.npy, labels.npy and, with a
@@ -53,7 +62,8 @@ def sample_to_folder(generator_path, out_dir, *, classes: str = "0", num_per_cla
     if config is not None:  # sampling settings of the preset, unless given explicitly
         model.config = model.config.replace(guidance_scale=config.guidance_scale,
                                             guidance_scale_pow=config.guidance_scale_pow, temperature=config.temperature)
-    ids = parse_classes(classes, model.config.num_classes, class_names_of(generator_path))
+    names = read_class_names(class_names) if class_names else class_names_of(generator_path)
+    ids = parse_classes(classes, model.config.num_classes, names)
     labels = torch.tensor(ids).repeat_interleave(num_per_class)  # (N,)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -64,3 +64,11 @@ def test_missing_generator_file_is_named(tmp_path, capsys):
 def test_info_lists_presets_with_official_parameter_counts():
     out = subprocess.run([sys.executable, "-m", "rar", "info"], cwd=ROOT, capture_output=True, text=True).stdout
     assert "260,923,648" in out and "1,498,520,704" in out and "g=6.9 p=1.5 T=1.02" in out
+
+
+def test_class_names_file_with_synonyms(tiny_files, tmp_path):
+    names = tmp_path / "names.txt"
+    names.write_text("\n".join(["tench, Tinca tinca", "goldfish"] + [f"c{i}" for i in range(2, 10)]) + "\n")
+    rc = main(["sample", "--generator", str(tiny_files / "gen"), "--class-names", str(names), "--classes",
+               "Tinca tinca,goldfish,c9", "--num-per-class", "1", "--out", str(tmp_path / "o")])
+    assert rc == 0 and np.load(tmp_path / "o" / "labels.npy").tolist() == [0, 1, 9]
