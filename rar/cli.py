@@ -218,7 +218,8 @@ def _add_tokenize(sub) -> None:
     src.add_argument("--dataset", choices=["digits"], help="the built-in MNIST demo digits (train split)")
     p.add_argument("--out", required=True, help="output folder of token shards")
     p.add_argument("--resolution", type=int, default=None, help="default: the tokenizer's")
-    p.add_argument("--no-flip", action="store_true", help="do not store a horizontally flipped view")
+    p.add_argument("--no-flip", action="store_true",
+                   help="do not store a horizontally flipped view (never stored for the digits)")
     p.add_argument("--ten-crop", action="store_true", help="LlamaGen-style ten-crop views")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--shard-size", type=int, default=10_000)
@@ -230,15 +231,13 @@ def _add_tokenize(sub) -> None:
 def _run_tokenize(args) -> None:
     import os
 
-    from .shards import rank_and_world_size, tokenize_digits, tokenize_folder
+    from .shards import rank_and_world_size, tokenize
 
     rank, world = rank_and_world_size(os.environ)
-    kw = dict(resolution=args.resolution, flip=not args.no_flip, ten_crop=args.ten_crop, batch_size=args.batch_size,
-              shard_size=args.shard_size, rank=rank, world_size=world, device=args.device, verbose=False)
-    if args.dataset == "digits":
-        report = tokenize_digits(args.tokenizer, args.out, **kw)
-    else:
-        report = tokenize_folder(args.tokenizer, args.data, args.out, num_workers=args.num_workers, **kw)
+    report = tokenize(args.tokenizer, args.out, data=args.data, dataset=args.dataset, resolution=args.resolution,
+                      flip=False if args.no_flip else None, ten_crop=args.ten_crop, batch_size=args.batch_size,
+                      shard_size=args.shard_size, rank=rank, world_size=world, device=args.device,
+                      num_workers=args.num_workers, verbose=False)
     print(report.summary())
 
 

@@ -116,3 +116,19 @@ def test_sampling_follows_the_distribution():
 def test_bad_labels_are_rejected(tiny_official):
     with pytest.raises(ValueError, match="class id 11 is outside"):
         generate(tiny_official, torch.tensor([1, 11]))
+
+
+def test_packed_cpu_weights_give_the_same_logits_and_leave_the_model_alone(tiny_official):
+    from rar.sampler import pack_for_cpu
+
+    tokens = torch.randint(0, 32, (4, 16), generator=torch.Generator().manual_seed(1))
+    labels = torch.tensor([1, 2, 10, 10])
+    packed = pack_for_cpu(tiny_official)
+    assert packed is not tiny_official
+    assert type(tiny_official.blocks[0].attn.qkv) is torch.nn.Linear  # the original is untouched
+    torch.testing.assert_close(cached_logits(packed, tokens, labels), cached_logits(tiny_official, tokens, labels),
+                               rtol=0, atol=1e-5)
+    greedy = generate(tiny_official, torch.tensor([0, 5, 9]), guidance_scale=4.0, guidance_scale_pow=0.0, top_k=1,
+                      pack_weights=False)
+    assert torch.equal(greedy, generate(tiny_official, torch.tensor([0, 5, 9]), guidance_scale=4.0,
+                                        guidance_scale_pow=0.0, top_k=1, pack_weights=True))
