@@ -156,16 +156,21 @@ def list_image_folder(root: Union[str, os.PathLike]) -> tuple[list[Path], np.nda
     return paths, np.asarray(labels, np.int64), classes
 
 
-def load_folder_images(root, resolution: int, limit: Optional[int] = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """The first `limit` images of a class folder, ADM-center-cropped: uint8 (N, R, R, 3), labels,
-    class names. Unreadable files are skipped (for small datasets and reconstruction checks)."""
+def load_folder_images(root, resolution: int, limit: Optional[int] = None,
+                       spread: bool = False) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Up to `limit` images of a class folder, ADM-center-cropped: uint8 (N, R, R, 3), labels, class
+    names. `spread` picks them evenly over the sorted list (so every class shows) instead of the
+    first ones. Unreadable files are skipped (for small datasets and reconstruction checks)."""
     paths, labels, classes = list_image_folder(root)
+    order = np.arange(len(paths))
+    if spread and limit is not None and limit < len(paths):
+        order = np.unique(np.linspace(0, len(paths) - 1, num=limit).round().astype(np.int64))
     images, kept = [], []
-    for i, p in enumerate(paths):
+    for i in order:
         if limit is not None and len(images) >= limit:
             break
         try:
-            images.append(np.asarray(center_crop_adm(load_rgb(p), resolution)))
+            images.append(np.asarray(center_crop_adm(load_rgb(paths[i]), resolution)))
             kept.append(i)
         except (OSError, ValueError, Image.DecompressionBombError):
             continue

@@ -177,9 +177,14 @@ def _encode_shard(model, source: _Source, s: int, opts: dict, pool, bar) -> tupl
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
             return None, f"{type(err).__name__}: {err}"
 
-    for b0 in range(start, stop, opts["batch_size"]):
-        idx = list(range(b0, min(b0 + opts["batch_size"], stop)))
-        results = list(pool.map(prepare, idx)) if pool is not None else [prepare(i) for i in idx]
+    batches = [list(range(b0, min(b0 + opts["batch_size"], stop))) for b0 in range(start, stop, opts["batch_size"])]
+    submit = (lambda idx: [pool.submit(prepare, i) for i in idx]) if pool is not None else None
+    pending = submit(batches[0]) if submit and batches else None
+    for k, idx in enumerate(batches):
+        # decode the next batch in the worker threads while this one is encoded
+        results = [f.result() for f in pending] if submit else [prepare(i) for i in idx]
+        if submit and k + 1 < len(batches):
+            pending = submit(batches[k + 1])
         ok = [i for i, (v, _) in zip(idx, results) if v is not None]
         failed += [(source.name(i), why) for i, (v, why) in zip(idx, results) if v is None]
         if ok:
@@ -233,7 +238,8 @@ def _tokenize(tokenizer, source: _Source, out_dir, resolution, flip, ten_crop_, 
         raise ValueError(f"rank must satisfy 0 <= rank < world_size, got rank={rank}, world_size={world_size}.")
     if batch_size <= 0 or shard_size <= 0:
         raise ValueError(f"batch_size and shard_size must be positive, got {batch_size} and {shard_size}.")
-    name = str(tokenizer) if not isinstance(tokenizer, VQGAN) else "in-memory VQGAN"
+    # recorded so training can find the tokenizer that decodes these tokens (None: an in-memory model)
+    tok_path = None if isinstance(tokenizer, VQGAN) else str(Path(tokenizer).resolve())
     model = (tokenizer if isinstance(tokenizer, VQGAN) else load_any_tokenizer(tokenizer)).to(device).eval()
     resolution = resolution or model.config.resolution
     settings = _settings(model, source, resolution, flip, ten_crop_, shard_size)
@@ -257,7 +263,7 @@ def _tokenize(tokenizer, source: _Source, out_dir, resolution, flip, ten_crop_, 
             report.images += len(tokens)
             report.failed += failed
     report.seconds = time.time() - t0
-    info = {"tokenizer_name": name, "source": source.describe}
+    info = {"tokenizer_path": tok_path, "source": source.describe}
     report.manifest = _try_write_manifest(out, settings, fp, info)
     if verbose:
         tqdm.write(report.summary())

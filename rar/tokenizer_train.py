@@ -46,8 +46,8 @@ class TokenizerTrainConfig:
     model: VQGANConfig = field(default_factory=lambda: VQGANConfig.preset("digits_f4_32"))
     data: TokenizerDataConfig = field(default_factory=TokenizerDataConfig)
     steps: int = 1200
-    batch_size: int = 64
-    lr: float = 2e-3
+    batch_size: int = 16  # small batches, more steps: better PSNR per CPU second (measured)
+    lr: float = 8e-3
     min_lr_ratio: float = 0.05  # cosine decay to lr * min_lr_ratio
     warmup_steps: int = 50
     weight_decay: float = 0.0
@@ -56,7 +56,7 @@ class TokenizerTrainConfig:
     recon_loss: str = "l2"  # "l2" or "l1"
     codebook_weight: float = 1.0
     commitment_cost: float = 0.25
-    kmeans_init_step: int = 100  # 0 disables the autoencoder warm-up + k-means init
+    kmeans_init_step: int = 150  # 0 disables the autoencoder warm-up + k-means init
     restart_every: int = 50  # 0 disables dead-code restarts
     seed: int = 0
     device: str = "cpu"
@@ -68,8 +68,8 @@ class TokenizerTrainConfig:
     progress: bool = True
 
 
-# A setting small enough for the `--quick` demo (well under a minute on 2 CPU cores).
-QUICK_OVERRIDES = ("steps=300", "kmeans_init_step=50")
+# The `--quick` setting: about 35 s on one CPU thread for the digits (PSNR ~24 dB, still readable).
+QUICK_OVERRIDES = ("steps=300", "kmeans_init_step=50", "restart_every=25")
 
 
 def _as_float_images(images) -> torch.Tensor:
@@ -368,9 +368,10 @@ def reconstruct(tokenizer: Union[str, Path], out_path: Union[str, Path], data: O
             raise ValueError(f"dataset must be 'digits', got {dataset!r}.")
         from .datasets import load_mnist_digits
 
-        images = load_mnist_digits()["test_images"][:n]
+        test = load_mnist_digits()["test_images"]  # sorted by class: spread the picks over it
+        images = test[np.unique(np.linspace(0, len(test) - 1, num=min(n, len(test))).round().astype(np.int64))]
     else:
         from .images import load_folder_images
 
-        images = load_folder_images(data, res, n)[0]
+        images = load_folder_images(data, res, n, spread=True)[0]
     return reconstruct_images(model, images, out_path, device=device)

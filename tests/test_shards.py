@@ -10,7 +10,7 @@ from PIL import Image
 from rar.images import center_crop_adm
 from rar.images import list_image_folder
 from rar.shards import TokenShards, rank_and_world_size, tokenize_dataset, tokenize_folder
-from rar.vqgan import VQGANConfig, load_official_tokenizer
+from rar.vqgan import VQGANConfig, load_official_tokenizer, save_tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -107,6 +107,10 @@ def test_array_dataset_and_settings_mismatch(tok, tmp_path):
     assert np.array_equal(np.asarray(shards.tokens)[:, 0], tok.encode(x).numpy())
     with pytest.raises(ValueError, match="different settings"):
         tokenize_dataset(tok, images, labels, tmp_path / "d", flip=True, shard_size=4, progress=False, verbose=False)
+    save_tokenizer(tok, tmp_path / "tok")  # by path: the manifest records where the tokenizer is
+    tokenize_dataset(str(tmp_path / "tok"), images, labels, tmp_path / "p", flip=False, progress=False, verbose=False)
+    assert TokenShards(tmp_path / "p").manifest["tokenizer_path"] == str((tmp_path / "tok").resolve())
+    assert np.array_equal(np.asarray(TokenShards(tmp_path / "p").tokens), np.asarray(shards.tokens))
     with pytest.raises(ValueError, match="labels must have shape"):
         tokenize_dataset(tok, images, labels[:3], tmp_path / "e", progress=False, verbose=False)
 

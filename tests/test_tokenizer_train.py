@@ -7,7 +7,7 @@ from typing import Optional
 import numpy as np
 import pytest
 
-from rar.tokenizer_train import TokenizerTrainConfig, reconstruct_images, train_tokenizer
+from rar.tokenizer_train import TokenizerTrainConfig, reconstruct, reconstruct_images, train_tokenizer
 from rar.vqgan import VQGANConfig, load_tokenizer
 from rar.yamlconf import load_config, save_config
 
@@ -27,7 +27,7 @@ def _blobs(n: int, seed: int) -> np.ndarray:
 def test_tiny_training_lowers_recon_loss(tmp_path):
     cfg = TokenizerTrainConfig(model=VQGANConfig.preset("tiny_f4_32", codebook_size=16), steps=40, batch_size=16,
                                kmeans_init_step=10, restart_every=10, warmup_steps=5, lr=3e-3,
-                               out_dir=str(tmp_path / "run"), progress=False, grid_images=8)
+                               out_dir=str(tmp_path / "run"), progress=False, grid_images=8, num_threads=1)
     report = train_tokenizer(cfg, images=_blobs(128, 0), holdout_images=_blobs(32, 1))
     assert report["recon_loss_end"] < 0.5 * report["recon_loss_start"]
     assert 0 < report["codebook_usage"] <= 1 and report["psnr"] > 10
@@ -55,6 +55,10 @@ def test_folder_run_then_reused(tmp_path):
     assert train_tokenizer(cfg)["reused"] is True  # same config, finished out_dir: not retrained
     again = train_tokenizer(load_config(TokenizerTrainConfig, tmp_path / "run" / "config.yaml", ["steps=4"]))
     assert "reused" not in again and again["steps"] == 4
+    ev = reconstruct(tmp_path / "run", tmp_path / "r.png", data=str(tmp_path / "imgs"), n=4)
+    assert ev["images"] == 4 and Path(ev["grid"]).is_file() and ev["psnr"] > 5
+    with pytest.raises(ValueError, match="exactly one of data"):
+        reconstruct(tmp_path / "run", tmp_path / "r.png", data=str(tmp_path / "imgs"), dataset="digits")
     # a run on explicit arrays is never taken for a run on the configured dataset
     train_tokenizer(cfg, images=_blobs(8, 0))
     assert "reused" not in train_tokenizer(cfg)

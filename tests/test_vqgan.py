@@ -97,6 +97,13 @@ def test_missing_key_named(ref):
         load_official_tokenizer(state)
 
 
+def test_missing_inference_key_named(ref):
+    state = _tiny_state(ref)
+    del state["encoder.conv_out.weight"]
+    with pytest.raises(ValueError, match=r"encoder\.conv_out\.weight"):
+        load_official_tokenizer(state)
+
+
 def test_extra_key_named(ref):
     state = _tiny_state(ref)
     state["decoder.extra.weight"] = torch.zeros(4, 2)
