@@ -25,6 +25,15 @@ _EXPORTS = {
     "VQGAN": "rar.vqgan",
     "VQGANConfig": "rar.vqgan",
     "load_official_tokenizer": "rar.vqgan",
+    "load_any_tokenizer": "rar.vqgan",
+    "save_tokenizer": "rar.vqgan",
+    "TokenShards": "rar.shards",
+    "tokenize_folder": "rar.shards",
+    "tokenize_dataset": "rar.shards",
+    "train_tokenizer": "rar.tokenizer_train",
+    "train": "rar.train",
+    "TrainConfig": "rar.train_config",
+    "cached_logits": "rar.sampler",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

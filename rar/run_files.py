@@ -24,10 +24,11 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def pick_device(name: str, rank: int) -> str:
+def pick_device(name: str) -> str:
+    """"auto" is this process's GPU (the CLI sets it from torchrun's LOCAL_RANK), else the CPU."""
     if name == "auto":
-        return f"cuda:{rank % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
-    return name
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return f"cuda:{torch.cuda.current_device()}" if name == "cuda" else name
 
 
 def prepare_out_dir(cfg, out: Path, rank: int) -> None:

@@ -86,7 +86,7 @@ class Trainer:
         if cfg.batch_size % (self.world * cfg.grad_accum):
             raise ValueError(f"batch_size {cfg.batch_size} must be divisible by processes x grad_accum "
                              f"= {self.world} x {cfg.grad_accum}.")
-        self.device = torch.device(run_files.pick_device(cfg.device, self.rank))
+        self.device = torch.device(run_files.pick_device(cfg.device))
         self.out = Path(cfg.out_dir)
         self.data = load_data(cfg)
         mcfg = model_config(cfg, self.data.tokens.shape[-1], self.data.codebook_size, self.data.num_classes)
