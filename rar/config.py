@@ -66,11 +66,16 @@ class RARConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "RARConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown RARConfig keys {unknown}; expected a subset of {sorted(known)}.")
-        return cls(**d)
+        return config_from_dict(cls, d)
+
+
+def config_from_dict(cls, d: dict):
+    """Build a config dataclass from a saved dict; an unknown key is an error naming it."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} keys {unknown}; expected a subset of {sorted(known)}.")
+    return cls(**d)
 
 
 PRESETS: dict[str, RARConfig] = {

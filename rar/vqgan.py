@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import config_from_dict
+
 OFFICIAL_FILENAME = "maskgit-vqgan-imagenet-f16-256.bin"
 OFFICIAL_HUB_REPO = "fun-research/TiTok"
 _ARCH_FIELDS = ("hidden_channels", "channel_mult", "num_res_blocks", "z_channels", "codebook_size", "num_channels")
@@ -87,11 +89,7 @@ class VQGANConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "VQGANConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown VQGANConfig keys {unknown}; expected a subset of {sorted(known)}.")
-        return cls(**d)
+        return config_from_dict(cls, dict(d))
 
     def describe(self) -> str:
         return (f"MaskGIT-VQGAN f{self.downsample_factor} {self.resolution}px -> {self.grid_size}x{self.grid_size} "
