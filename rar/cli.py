@@ -169,7 +169,9 @@ def _run_demo(args) -> None:
 def _add_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="FID / sFID / IS / precision / recall of an ADM .npz against a reference batch")
     p.add_argument("samples", help="ADM-layout .npz (arr_0 uint8 N x H x W x 3), e.g. from rar sample-eval")
-    p.add_argument("--ref", required=True, help="reference batch, e.g. VIRTUAL_imagenet256_labeled.npz")
+    p.add_argument("--ref", default=None, help="reference batch, e.g. VIRTUAL_imagenet256_labeled.npz")
+    p.add_argument("--digits", action="store_true",
+                   help="instead: the demo's digit evaluation (class accuracy, FD in MNIST-classifier features)")
     p.add_argument("--inception-weights", default=None,
                    help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth (else the torch hub cache)")
     p.add_argument("--download", action="store_true", help="download the Inception weights if missing (online)")
@@ -186,6 +188,13 @@ def _run_evaluate(args) -> None:
     from .inception import load_inception
     from .metrics import evaluate_npz
 
+    if args.digits:
+        from .demo import evaluate_digits_npz
+
+        print(json.dumps(evaluate_digits_npz(args.samples)))
+        return
+    if args.ref is None:
+        raise CLIError("--ref is required (a reference batch such as VIRTUAL_imagenet256_labeled.npz).")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     extractor = load_inception(weights_path=args.inception_weights, download=args.download)
     res = evaluate_npz(args.samples, args.ref, extractor, batch_size=args.batch_size, device=device)

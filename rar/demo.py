@@ -72,13 +72,12 @@ def sample_stage(out: Path, per_class: int, progress: bool) -> np.ndarray:
     return images
 
 
-def evaluate_stage(data: dict, samples: np.ndarray, per_class: int, quick: bool, progress: bool) -> dict:
+def evaluate_stage(data: dict, samples: np.ndarray, sample_labels: np.ndarray, quick: bool, progress: bool) -> dict:
     from .digit_classifier import classify, train_classifier
     from .metrics import feature_statistics, frechet_distance
 
     clf = train_classifier(data["train_images"], data["train_labels"], epochs=2 if quick else 4, progress=progress)
     held_pred, held_feat = classify(clf, data["test_images"])
-    sample_labels = np.repeat(np.arange(10), per_class)
     sample_pred, sample_feat = classify(clf, samples)
     _, train_feat = classify(clf, data["train_images"])
 
@@ -111,7 +110,8 @@ def run_demo(out_dir: str = "demo_out", quick: bool = False, progress: bool = Tr
     gen = _stage("3/5 train RAR", train_generator_stage, timings, out, quick, progress)
     per_class = 100
     samples = _stage("4/5 sample", sample_stage, timings, out, per_class, progress)
-    ev = _stage("5/5 evaluate", evaluate_stage, timings, data, samples, per_class, quick, progress)
+    ev = _stage("5/5 evaluate", evaluate_stage, timings, data, samples, np.repeat(np.arange(10), per_class), quick,
+                progress)
     for name in ("loss.png",):
         shutil.copyfile(out / "rar" / name, out / name)
     shutil.copyfile(out / "tokenizer" / "reconstructions.png", out / "reconstructions.png")
@@ -134,3 +134,16 @@ def format_metrics(m: dict) -> str:
         f"floor (held-out vs train) {m['fd_floor_heldout_vs_train']:.3f}; ratio {m['fd_ratio_to_floor']:.2f}x",
         f"total {m['total_seconds']:.0f} s; stages {m['stage_seconds']}",
     ])
+
+
+def evaluate_digits_npz(npz_path, quick: bool = False, progress: bool = True) -> dict:
+    """The demo's evaluation of any ADM-layout npz of 32x32 digits with labels (`rar evaluate --digits`)."""
+    from .datasets import load_mnist_digits
+    from .metrics import read_npz_images
+
+    read_npz_images(npz_path)  # layout check with a clear error
+    with np.load(npz_path) as z:
+        if "arr_1" not in z:
+            raise ValueError(f"{npz_path} has no arr_1 labels; the digit evaluation needs the class of every sample.")
+        images, labels = z["arr_0"], z["arr_1"]
+    return evaluate_stage(load_mnist_digits(seed=0, n_train=4500), images, labels, quick, progress)
