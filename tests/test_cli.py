@@ -72,3 +72,12 @@ def test_class_names_file_with_synonyms(tiny_files, tmp_path):
     rc = main(["sample", "--generator", str(tiny_files / "gen"), "--class-names", str(names), "--classes",
                "Tinca tinca,goldfish,c9", "--num-per-class", "1", "--out", str(tmp_path / "o")])
     assert rc == 0 and np.load(tmp_path / "o" / "labels.npy").tolist() == [0, 1, 9]
+
+
+def test_evaluate_argument_errors(tmp_path, capsys):
+    npz = tmp_path / "s.npz"
+    np.savez(npz, arr_0=np.zeros((4, 32, 32, 3), np.uint8))
+    assert main(["evaluate", str(npz), "--digits"]) == 2
+    assert "has no arr_1 labels" in capsys.readouterr().err
+    assert main(["evaluate", str(npz)]) == 2
+    assert "--ref is required" in capsys.readouterr().err
