@@ -107,7 +107,11 @@ def infer_official_config(sd: dict[str, torch.Tensor]) -> RARConfig:
     return RARConfig(**sizes)
 
 
-def check_state_dict(sd: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], what: str) -> None:
+def _shape_of(value) -> list | str:
+    return list(value.shape) if hasattr(value, "shape") else f"a {type(value).__name__}, not a tensor"
+
+
+def check_state_dict(sd: dict, expected: dict[str, tuple[int, ...]], what: str) -> None:
     """Strict key and shape check; the message names the first offending key and both shapes."""
     missing = [k for k in expected if k not in sd]
     unexpected = [k for k in sd if k not in expected]
@@ -115,11 +119,11 @@ def check_state_dict(sd: dict[str, torch.Tensor], expected: dict[str, tuple[int,
         raise ValueError(f"{what}: missing key {missing[0]!r} (expected shape {list(expected[missing[0]])})"
                          + (f" and {len(missing) - 1} more" if len(missing) > 1 else "") + ".")
     if unexpected:
-        raise ValueError(f"{what}: unexpected key {unexpected[0]!r} with shape {list(sd[unexpected[0]].shape)}"
+        raise ValueError(f"{what}: unexpected key {unexpected[0]!r} with shape {_shape_of(sd[unexpected[0]])}"
                          + (f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else "") + ".")
     for k, shape in expected.items():
-        if tuple(sd[k].shape) != tuple(shape):
-            raise ValueError(f"{what}: key {k!r} has shape {list(sd[k].shape)}, expected {list(shape)}.")
+        if not torch.is_tensor(sd[k]) or tuple(sd[k].shape) != tuple(shape):
+            raise ValueError(f"{what}: key {k!r} has shape {_shape_of(sd[k])}, expected {list(shape)}.")
 
 
 SIZE_FIELDS = ("hidden_size", "num_layers", "num_heads", "mlp_size", "num_tokens", "codebook_size", "num_classes")

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpoint import check_state_dict
 from .config import config_from_dict
 
 OFFICIAL_FILENAME = "maskgit-vqgan-imagenet-f16-256.bin"
@@ -318,18 +319,7 @@ def _shape(value) -> object:
 
 def _load_strict(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
     expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    if missing:
-        raise ValueError(f"{source} is missing key {missing[0]!r} (expected shape {list(expected[missing[0]].shape)})"
-                         + (f" and {len(missing) - 1} more" if len(missing) > 1 else "") + ".")
-    extra = [k for k in state if k not in expected]
-    if extra:
-        raise ValueError(f"{source} has unexpected key {extra[0]!r} with shape {_shape(state[extra[0]])}"
-                         + (f" and {len(extra) - 1} more" if len(extra) > 1 else "") + "; the model has no such key.")
-    for k, v in expected.items():
-        if not torch.is_tensor(state[k]) or tuple(state[k].shape) != tuple(v.shape):
-            raise ValueError(f"{source}: key {k!r} has shape {_shape(state[k])} in the checkpoint but the model expects "
-                             f"{list(v.shape)}.")
+    check_state_dict(state, {k: tuple(v.shape) for k, v in expected.items()}, source)
     model.load_state_dict({k: state[k] for k in expected}, strict=True)
 
 

@@ -22,3 +22,14 @@ def tiny_official(rar_reference):
 def reference_labels(ref, model):
     """The fixture stores preprocessed condition ids (class + V + 1); the API takes labels in [0, C]."""
     return ref["condition"] - model.config.codebook_size - 1
+
+
+def read_key_manifest(name: str) -> dict[str, tuple[int, ...]]:
+    """A `key<TAB>[shape]` manifest from the fixtures, in state-dict order."""
+    rows = [line.split("\t") for line in (FIXTURES / name).read_text().splitlines() if line.strip()]
+    return {k: tuple(int(x) for x in shape.strip("[]").split(",")) for k, shape in rows}
+
+
+def cloned_state(ref) -> dict:
+    """A fresh copy of a fixture's state dict, safe to corrupt in a test."""
+    return {k: v.clone() for k, v in ref["state_dict"].items()}

@@ -7,7 +7,7 @@ from rar.checkpoint import (load_generator, load_official_generator, official_pa
                             save_generator)
 from rar.orders import sample_orders
 
-from conftest import FIXTURES, reference_labels
+from conftest import cloned_state, read_key_manifest, reference_labels
 
 
 def test_train_logits_equal_official(rar_reference, tiny_official):
@@ -52,13 +52,8 @@ def test_official_parameter_counts():
         assert official_parameter_count(RARConfig.preset(name)) == n
 
 
-def _manifest(path):
-    rows = [line.split("\t") for line in path.read_text().splitlines() if line.strip()]
-    return {k: tuple(int(x) for x in shape.strip("[]").split(",")) for k, shape in rows}
-
-
 def test_rar_b_manifest_matches_and_loads_on_meta():
-    manifest = _manifest(FIXTURES / "rar_b_keys.tsv")
+    manifest = read_key_manifest("rar_b_keys.tsv")
     cfg = RARConfig.preset("rar_b")
     assert list(manifest) == list(official_shapes(cfg))  # same keys, same order
     assert manifest == official_shapes(cfg)
@@ -70,26 +65,22 @@ def test_rar_b_manifest_matches_and_loads_on_meta():
     assert model.timesteps_embeddings.shape == (1, 257, 768)
 
 
-def _tiny_sd(ref):
-    return {k: v.clone() for k, v in ref["state_dict"].items()}
-
-
 def test_missing_key_is_named(rar_reference):
-    sd = _tiny_sd(rar_reference)
+    sd = cloned_state(rar_reference)
     del sd["blocks.1.attn.k_norm.bias"]
     with pytest.raises(ValueError, match=r"missing key 'blocks\.1\.attn\.k_norm\.bias'"):
         load_official_generator(sd)
 
 
 def test_unexpected_key_is_named(rar_reference):
-    sd = _tiny_sd(rar_reference)
+    sd = cloned_state(rar_reference)
     sd["blocks.0.attn.extra"] = torch.zeros(3)
     with pytest.raises(ValueError, match=r"unexpected key 'blocks\.0\.attn\.extra' with shape \[3\]"):
         load_official_generator(sd)
 
 
 def test_wrong_shape_is_named_with_both_shapes(rar_reference):
-    sd = _tiny_sd(rar_reference)
+    sd = cloned_state(rar_reference)
     sd["blocks.1.mlp.fc2.bias"] = torch.zeros(65)
     with pytest.raises(ValueError, match=r"'blocks\.1\.mlp\.fc2\.bias' has shape \[65\], expected \[64\]"):
         load_official_generator(sd)

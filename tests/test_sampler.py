@@ -7,7 +7,6 @@ from rar import RAR, RARConfig
 from rar.orders import named_order, sample_orders
 from rar.sampler import cached_logits, filter_logits, generate, guidance_schedule
 
-from conftest import reference_labels
 
 SETTINGS = {"g16.0_pow2.75": (16.0, 2.75), "g4.0_pow0.0": (4.0, 0.0)}
 

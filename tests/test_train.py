@@ -7,7 +7,6 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import torch
 
 from rar.checkpoint import load_generator
 from rar.orders import random_ratio

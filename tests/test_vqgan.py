@@ -1,6 +1,5 @@
 """MaskGIT-VQGAN: equality with the official code (fixture), official-checkpoint loading, project format."""
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -8,7 +7,7 @@ import torch
 from rar.vqgan import (VQGAN, VQGANConfig, infer_config, load_any_tokenizer, load_official_tokenizer,
                        load_tokenizer, save_tokenizer)
 
-FIXTURES = Path(__file__).parent / "fixtures"
+from conftest import FIXTURES, cloned_state, read_key_manifest
 
 
 @pytest.fixture(scope="module")
@@ -19,11 +18,6 @@ def ref():
 @pytest.fixture(scope="module")
 def tiny(ref):
     return load_official_tokenizer(ref["state_dict"])
-
-
-def _manifest():
-    rows = [line.split("\t") for line in (FIXTURES / "maskgit_vqgan_f16_256_keys.tsv").read_text().splitlines()]
-    return [(k, [int(x) for x in s.strip("[]").split(",")]) for k, s in rows]
 
 
 def test_fixture_equality(ref, tiny):
@@ -65,16 +59,16 @@ def test_official_residual_quirk_shape():
 
 
 def test_f16_256_manifest_keys_and_roundtrip():
-    manifest = _manifest()
+    manifest = read_key_manifest("maskgit_vqgan_f16_256_keys.tsv")
     assert len(manifest) == 168
     g = torch.Generator().manual_seed(0)
     # cheap random values: 0.02-scaled normals (54.5M parameters, ~220 MB)
-    state = {k: torch.randn(shape, generator=g) * 0.02 for k, shape in manifest}
+    state = {k: torch.randn(shape, generator=g) * 0.02 for k, shape in manifest.items()}
     assert sum(v.numel() for v in state.values()) == 54_515_587
     cfg = infer_config(state)
     assert cfg == VQGANConfig.preset("maskgit_f16_256")
     model = load_official_tokenizer(state)
-    assert list(model.state_dict()) == [k for k, _ in manifest]  # same order as the official state dict
+    assert list(model.state_dict()) == list(manifest)  # same order as the official state dict
     image = torch.rand(1, 3, 256, 256, generator=g)
     t0 = time.time()
     codes = model.encode(image)
@@ -86,33 +80,29 @@ def test_f16_256_manifest_keys_and_roundtrip():
     print(f"f16-256 encode+decode of one 256x256 image: {elapsed:.2f} s")
 
 
-def _tiny_state(ref):
-    return {k: v.clone() for k, v in ref["state_dict"].items()}
-
-
 def test_missing_key_named(ref):
-    state = _tiny_state(ref)
+    state = cloned_state(ref)
     del state["decoder.conv_out.bias"]
     with pytest.raises(ValueError, match=r"decoder\.conv_out\.bias.*\[3\]"):
         load_official_tokenizer(state)
 
 
 def test_missing_inference_key_named(ref):
-    state = _tiny_state(ref)
+    state = cloned_state(ref)
     del state["encoder.conv_out.weight"]
     with pytest.raises(ValueError, match=r"encoder\.conv_out\.weight"):
         load_official_tokenizer(state)
 
 
 def test_extra_key_named(ref):
-    state = _tiny_state(ref)
+    state = cloned_state(ref)
     state["decoder.extra.weight"] = torch.zeros(4, 2)
     with pytest.raises(ValueError, match=r"decoder\.extra\.weight.*\[4, 2\]"):
         load_official_tokenizer(state)
 
 
 def test_misshaped_key_names_both_shapes(ref):
-    state = _tiny_state(ref)
+    state = cloned_state(ref)
     state["decoder.up.1.upsample_conv.bias"] = torch.zeros(7)
     with pytest.raises(ValueError, match=r"decoder\.up\.1\.upsample_conv\.bias.*\[7\].*\[32\]"):
         load_official_tokenizer(state)
