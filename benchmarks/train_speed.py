@@ -46,7 +46,8 @@ def official_groups(model, weight_decay):
 
 def run_one(args) -> dict:
     from rar import RAR, RARConfig
-    from rar.train import compute_loss, param_groups
+    from rar.train import compute_loss, make_optimizer
+    from rar.train_config import OptimSection
 
     torch.set_num_threads(args.threads)
     cfg = RARConfig.preset(args.preset)
@@ -59,7 +60,7 @@ def run_one(args) -> dict:
     if args.impl == "official":
         model = official_model(args.official_repo, ours, args.device, torch.float32)
         del ours
-        groups = official_groups(model, 0.03)
+        opt = torch.optim.AdamW(official_groups(model, 0.03), lr=4e-4, betas=(0.9, 0.96))  # upstream's
 
         def loss_fn(tokens, labels, orders):
             cond = labels + cfg.codebook_size + 1
@@ -67,11 +68,10 @@ def run_one(args) -> dict:
             return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten())
     else:
         model = ours.to(args.device)
-        groups = param_groups(model, 0.03)
+        opt = make_optimizer(model, OptimSection(lr=4e-4, beta1=0.9, beta2=0.96, weight_decay=0.03))
 
         def loss_fn(tokens, labels, orders):
-            return compute_loss(model, tokens, labels, orders, checkpoint=args.grad_checkpointing)
-    opt = torch.optim.AdamW(groups, lr=4e-4, betas=(0.9, 0.96))
+            return compute_loss(model, tokens, labels, orders, checkpoint=args.checkpointing)
     autocast = torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16) if args.precision == "bf16" else nullcontext()
     data = [tuple(t.to(args.device) for t in b) for b in batches(cfg, args.batch_size, args.steps)]
     model.eval()
@@ -108,7 +108,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--grad-checkpointing", action="store_true")
+    ap.add_argument("--checkpointing", default="selective", choices=["attention", "selective", "full"],
+                    help="what rar's backward pass recomputes (train config key `checkpointing`)")
     ap.add_argument("--official-repo", default=None)
     ap.add_argument("--impl", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()

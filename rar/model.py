@@ -18,14 +18,33 @@ arguments, and `training` (dropout on/off) is the only mode, as in any torch mod
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from .config import RARConfig
 
 PREFIX = 2  # [cls] and [class] come before the image tokens
+
+# What the training forward keeps for the backward pass (`checkpoint=`):
+#   "attention"  everything but the dropped-out attention matrices, which are recomputed;
+#   "selective"  only the outputs of the linear layers; norms, modulation, GELU, dropout and
+#                attention are recomputed in the backward pass (a few % more time, half the memory);
+#   "full"       only each block's input; the whole block is recomputed (~1/3 more compute).
+CHECKPOINTING = ("attention", "selective", "full")
+_KEPT_OPS = {torch.ops.aten.addmm.default, torch.ops.aten.mm.default}  # nn.Linear on CPU and GPU
+
+
+def _keep_matmuls(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in _KEPT_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _selective_contexts():
+    return create_selective_checkpoint_contexts(_keep_matmuls)
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -54,9 +73,49 @@ class KVCache:
         return self.keys[i], self.values[i]
 
 
-def _attention(q, k, v, mask, dropout_p: float, causal: bool) -> torch.Tensor:
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
-                                          is_causal=causal and mask is None)
+class DropMasks(NamedTuple):
+    """One block's dropout keep-masks (True = keep), drawn before the block runs: recomputing the
+    block in the backward pass (`checkpoint=`) reuses them instead of replaying the RNG."""
+    attn: torch.Tensor | None  # (B, H, N, N) attention probabilities
+    proj: torch.Tensor | None  # (B, N, D) attention output
+    hidden: torch.Tensor | None  # (B, N, M) MLP hidden layer
+    out: torch.Tensor | None  # (B, N, D) MLP output
+
+
+_LEVELS = 2**16  # dropout probabilities are rounded to multiples of 1/65536
+
+
+def keep_mask(shape, p: float, device=None) -> torch.Tensor | None:
+    """Bernoulli keep-mask with P(drop) = p rounded to 1/65536, from the global RNG as 16-bit integers:
+    three times cheaper than `bernoulli_` on CPU, where dropout was ~15% of RAR-B's training step."""
+    t = round(p * _LEVELS)
+    if t == 0:
+        return None
+    return torch.randint(-_LEVELS // 2, _LEVELS // 2, shape, dtype=torch.int16, device=device) >= t - _LEVELS // 2
+
+
+def drop_scale(p: float) -> float:
+    """1 / (1 - p) for p rounded as in `keep_mask`: kept values are scaled so the mean is unchanged."""
+    return _LEVELS / (_LEVELS - round(p * _LEVELS))
+
+
+def dropout(x: torch.Tensor, keep: torch.Tensor | None, p: float) -> torch.Tensor:
+    """Inverted dropout with a given keep-mask (None: identity)."""
+    return x if keep is None else torch.where(keep, x, 0.0).mul_(drop_scale(p))
+
+
+def _attention(q, k, v, mask, causal: bool) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None)
+
+
+def _attention_dropout(q, k, v, keep: torch.Tensor, p: float) -> torch.Tensor:
+    """Causal attention with dropout on the probabilities (SDPA's math path, with the mask given):
+    (B, H, N, Dh) -> (B, H, N, Dh)."""
+    N = q.shape[-2]
+    future = torch.ones(N, N, dtype=torch.bool, device=q.device).triu_(1)
+    scores = (q @ k.transpose(-2, -1)).mul_(q.shape[-1] ** -0.5).masked_fill_(future, float("-inf"))  # (B, H, N, N)
+    # Scale the (B, H, N, Dh) output rather than the (B, H, N, N) probabilities: same result, less work.
+    return (torch.where(keep, scores.softmax(-1), 0.0) @ v).mul_(drop_scale(p))
 
 
 class Attention(nn.Module):
@@ -64,15 +123,14 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.attn_dropout = attn_dropout
+        self.attn_dropout, self.dropout = attn_dropout, dropout
         self.qkv = nn.Linear(dim, 3 * dim, bias=True)
         self.q_norm = nn.LayerNorm(self.head_dim, eps=1e-6)  # qk-norm
         self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6)
         self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | None = None,
-                start: int = 0) -> torch.Tensor:
+                start: int = 0, drop: DropMasks | None = None, recompute: bool = True) -> torch.Tensor:
         B, N, D = x.shape
         qkv = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, H, N, Dh)
@@ -87,31 +145,32 @@ class Attention(nn.Module):
             if N > 1 and start > 0:  # a chunk appended after a prefix: queries see prefix + earlier chunk
                 i = torch.arange(N, device=x.device)[:, None] + start
                 mask = torch.arange(start + N, device=x.device)[None, :] <= i  # (N, start+N)
-        p = self.attn_dropout if self.training else 0.0
-        if p > 0 and torch.is_grad_enabled():
-            # Dropout forces the unfused kernel, which would keep four (B, H, N, N) matrices per layer
-            # for the backward pass; recomputing them there (same RNG state, same mask) costs ~5% of
-            # the FLOPs and frees most of the activation memory.
-            out = torch.utils.checkpoint.checkpoint(_attention, q, k, v, mask, p, causal, use_reentrant=False)
-        else:
-            out = _attention(q, k, v, mask, p, causal)  # (B, H, N, Dh)
+        if drop is None or drop.attn is None:
+            out = _attention(q, k, v, mask, causal)  # (B, H, N, Dh)
+        elif recompute:
+            # Dropout needs the unfused path, which keeps four (B, H, N, N) matrices per block for the
+            # backward pass; recomputing them there costs ~5% of the FLOPs and frees most of the memory.
+            out = torch.utils.checkpoint.checkpoint(_attention_dropout, q, k, v, drop.attn, self.attn_dropout,
+                                                    use_reentrant=False, preserve_rng_state=False)
+        else:  # the caller recomputes the whole block
+            out = _attention_dropout(q, k, v, drop.attn, self.attn_dropout)
         out = out.transpose(1, 2).reshape(B, N, D)
-        return self.proj_drop(self.proj(out))
+        return dropout(self.proj(out), None if drop is None else drop.proj, self.dropout)
 
 
 class Mlp(nn.Module):
-    """timm's Mlp layout (fc1, act, drop1, fc2, drop2) so the official keys match."""
+    """timm's Mlp layout (fc1, act, fc2) so the official keys match."""
 
     def __init__(self, dim: int, hidden: int, dropout: float):
         super().__init__()
+        self.dropout = dropout
         self.fc1 = nn.Linear(dim, hidden)
         self.act = nn.GELU()  # exact (erf) GELU, as upstream
-        self.drop1 = nn.Dropout(dropout)
         self.fc2 = nn.Linear(hidden, dim)
-        self.drop2 = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+    def forward(self, x: torch.Tensor, drop: DropMasks | None = None) -> torch.Tensor:
+        hidden, out = (None, None) if drop is None else (drop.hidden, drop.out)
+        return dropout(self.fc2(dropout(self.act(self.fc1(x)), hidden, self.dropout)), out, self.dropout)
 
 
 class Block(nn.Module):
@@ -127,11 +186,19 @@ class Block(nn.Module):
         self.mlp = Mlp(d, cfg.mlp_size, cfg.dropout)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
 
-    def forward(self, x: torch.Tensor, mod: torch.Tensor, kv=None, start: int = 0) -> torch.Tensor:
+    def dropout_masks(self, B: int, N: int, device) -> DropMasks | None:
+        """Fresh keep-masks for a training forward of (B, N) positions; None when nothing drops."""
+        masks = DropMasks(keep_mask((B, self.attn.num_heads, N, N), self.attn.attn_dropout, device),
+                          *(keep_mask((B, N, w), self.mlp.dropout, device)
+                            for w in (self.mlp.fc2.out_features, self.mlp.fc1.out_features, self.mlp.fc2.out_features)))
+        return None if all(m is None for m in masks) else masks
+
+    def forward(self, x: torch.Tensor, mod: torch.Tensor, kv=None, start: int = 0,
+                drop: DropMasks | None = None, recompute_attention: bool = True) -> torch.Tensor:
         # x (B, N, D); mod (B, N, 6D) = adaLN_modulation(per-slot condition)
         shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)
-        x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1), kv, start)
-        return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
+        x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1), kv, start, drop, recompute_attention)
+        return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2), drop)
 
 
 class FinalLayer(nn.Module):
@@ -215,23 +282,31 @@ class RAR(nn.Module):
         return torch.cat([cls, cond], dim=1)
 
     def forward_hidden(self, x: torch.Tensor, mods: list[torch.Tensor], cache: KVCache | None = None,
-                       start: int = 0, checkpoint: bool = False) -> torch.Tensor:
-        """Run the blocks and the final adaLN on positions start..start+N-1: (B, N, D) -> (B, N, D)."""
+                       start: int = 0, checkpoint: str = "selective") -> torch.Tensor:
+        """Run the blocks and the final adaLN on positions start..start+N-1: (B, N, D) -> (B, N, D).
+        `checkpoint` (one of CHECKPOINTING) chooses what the backward pass recomputes."""
+        if checkpoint not in CHECKPOINTING:
+            raise ValueError(f"checkpoint must be one of {CHECKPOINTING}, got {checkpoint!r}.")
+        whole_block = checkpoint != "attention" and self.training and torch.is_grad_enabled()
+        contexts = _selective_contexts if checkpoint == "selective" else torch.utils.checkpoint.noop_context_fn
+        B, N = x.shape[:2]
         for i, blk in enumerate(self.blocks):
             kv = cache.layer(i) if cache is not None else None
-            if checkpoint and self.training:
-                x = torch.utils.checkpoint.checkpoint(blk, x, mods[i], kv, start, use_reentrant=False)
+            drop = blk.dropout_masks(B, N, x.device) if self.training and cache is None else None
+            if whole_block:  # the block's own recomputation covers the attention
+                x = torch.utils.checkpoint.checkpoint(blk, x, mods[i], kv, start, drop, False, use_reentrant=False,
+                                                      context_fn=contexts, preserve_rng_state=False)
             else:
-                x = blk(x, mods[i], kv, start)
+                x = blk(x, mods[i], kv, start, drop)
         return self.adaln_before_head(x, mods[-1])
 
     # ---- the training / scoring forward -------------------------------------------------------
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor, orders: torch.Tensor | None = None,
-                checkpoint: bool = False) -> torch.Tensor:
+                checkpoint: str = "selective") -> torch.Tensor:
         """tokens (B, T) in [0, V); labels (B,) in [0, C] (C = no class); orders (B, T) permutations
         or None for raster. Returns logits (B, T, V); logits[b, j] predicts tokens[b, orders[b, j]]
-        from the class and tokens[b, orders[b, :j]]. `checkpoint` recomputes block activations in
-        the backward pass (gradient checkpointing) to save memory."""
+        from the class and tokens[b, orders[b, :j]]. `checkpoint` (see CHECKPOINTING) chooses which
+        activations the backward pass recomputes instead of keeping; it does not change the result."""
         B, T = tokens.shape
         if T != self.config.num_tokens:
             raise ValueError(f"tokens must have {self.config.num_tokens} columns (the model's num_tokens), got {T}.")

@@ -24,11 +24,11 @@ from .config import RARConfig
 from .data import TokenData, gather_batch, global_batch_indices, load_token_shards, mix_seed, synthetic_tokens
 from .model import RAR
 from .orders import drop_labels, random_ratio, sample_orders
-from .train_config import TrainConfig, model_config
+from .train_config import OptimSection, TrainConfig, model_config
 
 
 def compute_loss(model, tokens: torch.Tensor, labels: torch.Tensor, orders: torch.Tensor,
-                 checkpoint: bool = False) -> torch.Tensor:
+                 checkpoint: str = "selective") -> torch.Tensor:
     """The RAR objective: cross-entropy of logits[b, j] against tokens[b, orders[b, j]]."""
     logits = model(tokens, labels, orders, checkpoint=checkpoint)  # (B, T, V)
     targets = tokens.gather(1, orders)  # (B, T) tokens in factorization order
@@ -53,6 +53,14 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
         skip = p.ndim < 2 or "embed" in name or "token" in name or "norm" in name
         (no_decay if skip else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(model: torch.nn.Module, o: OptimSection) -> torch.optim.AdamW:
+    """AdamW with the paper's grouping; the fused kernel (one pass over each tensor, no temporaries)
+    where torch has one (CPU and CUDA)."""
+    device = next(model.parameters()).device.type
+    return torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2),
+                             fused=device in ("cpu", "cuda") or None)
 
 
 def load_data(cfg: TrainConfig) -> TokenData:
@@ -93,9 +101,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # same initial weights on every rank
         self.raw = RAR(mcfg).to(self.device)
         self.model = self.raw
-        self.opt = torch.optim.AdamW(param_groups(self.raw, cfg.optim.weight_decay), lr=cfg.optim.lr,
-                                     betas=(cfg.optim.beta1, cfg.optim.beta2),
-                                     fused=self.device.type == "cuda" or None)
+        self.opt = make_optimizer(self.raw, cfg.optim)
         self.step = 0
         torch.manual_seed(mix_seed(cfg.seed, self.rank, 2))  # dropout masks differ per rank
 
@@ -135,7 +141,7 @@ class Trainer:
             last = i == cfg.grad_accum - 1
             sync = nullcontext() if last or self.world == 1 else self.model.no_sync()
             with sync, autocast:
-                loss = compute_loss(self.model, tok, lab, ordr, cfg.grad_checkpointing) / cfg.grad_accum
+                loss = compute_loss(self.model, tok, lab, ordr, cfg.checkpointing) / cfg.grad_accum
             with sync:
                 loss.backward()
             total += loss.detach()

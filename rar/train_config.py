@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from .config import RARConfig
+from .model import CHECKPOINTING
 
 
 @dataclass
@@ -64,7 +65,10 @@ class TrainConfig:
     sample_classes: list = field(default_factory=list)  # classes of the sample grid; [] = the first 10
     precision: str = "fp32"  # fp32 | bf16 (autocast)
     compile: bool = False
-    grad_checkpointing: bool = False
+    # What the backward pass recomputes instead of keeping (rar.model.CHECKPOINTING): "selective" keeps
+    # only the linear layers' outputs (about half the activation memory, no slower on CPU), "full" only
+    # each block's input (least memory, ~10-30% slower), "attention" everything but attention matrices.
+    checkpointing: str = "selective"
     tf32: bool = True
     device: str = "auto"  # auto | cpu | cuda
     tensorboard: bool = True
@@ -80,6 +84,8 @@ class TrainConfig:
     def validate(self) -> None:
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}.")
+        if self.checkpointing not in CHECKPOINTING:
+            raise ValueError(f"checkpointing must be one of {', '.join(CHECKPOINTING)}, got {self.checkpointing!r}.")
         if self.max_steps <= 0 or self.batch_size <= 0 or self.grad_accum <= 0:
             raise ValueError("max_steps, batch_size and grad_accum must be positive.")
         if self.steps_of(self.anneal_end) < self.steps_of(self.anneal_start):
@@ -90,7 +96,7 @@ class TrainConfig:
 
 # Keys that may change when a run is resumed (the rest must match the saved config).
 RESUMABLE_CHANGES = {"max_steps", "save_every", "keep_last", "log_every", "sample_every", "progress",
-                     "tensorboard", "device", "compile", "sample_classes"}
+                     "tensorboard", "device", "compile", "sample_classes", "checkpointing"}
 
 
 def model_config(cfg: TrainConfig, num_tokens: int, codebook_size: int, num_classes: int) -> RARConfig:

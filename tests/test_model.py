@@ -137,8 +137,10 @@ def test_official_layout_round_trip(rar_reference, tiny_official):
         assert torch.equal(v, again.state_dict()[k]), k
 
 
-def test_recomputed_attention_dropout_gives_the_same_gradients(monkeypatch):
-    """Attention dropout is recomputed in backward (memory); masks and gradients must not change."""
+@pytest.mark.parametrize("mode", ["attention", "selective", "full"])
+def test_recomputation_modes_give_the_same_gradients(monkeypatch, mode):
+    """Every `checkpoint` mode recomputes something in backward (memory); with the same seed the
+    dropout masks, the loss and the gradients must equal a forward that keeps everything."""
     import torch.utils.checkpoint as ckpt
 
     cfg = RARConfig(32, 2, 2, 64, num_tokens=16, codebook_size=16, num_classes=3, dropout=0.1, attn_dropout=0.3)
@@ -151,18 +153,48 @@ def test_recomputed_attention_dropout_gives_the_same_gradients(monkeypatch):
     labels = torch.tensor([0, 1, 2, 3])
     orders = sample_orders(4, 16, 1.0, torch.Generator().manual_seed(0))
 
-    def grads():
+    def loss_and_grads():
         model.zero_grad()
         torch.manual_seed(7)
-        model(tokens, labels, orders).logsumexp(-1).mean().backward()
-        return [p.grad.clone() for p in model.parameters()]
+        loss = model(tokens, labels, orders, checkpoint=mode).logsumexp(-1).mean()
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in model.parameters()]
 
-    recomputed = grads()
-    monkeypatch.setattr(ckpt, "checkpoint", lambda fn, *args, **kw: fn(*args))  # keep the matrices instead
-    kept = grads()
+    loss, recomputed = loss_and_grads()
+    monkeypatch.setattr(ckpt, "checkpoint", lambda fn, *args, **kw: fn(*args))  # keep every activation
+    kept_loss, kept = loss_and_grads()
+    assert loss == kept_loss
     for a, b in zip(recomputed, kept):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
     torch.manual_seed(8)
     other = model(tokens, labels, orders).logsumexp(-1).mean()
-    torch.manual_seed(7)
-    assert other.item() != model(tokens, labels, orders).logsumexp(-1).mean().item()  # dropout is active
+    assert other.item() != loss  # dropout is active
+
+
+def test_selective_recomputation_keeps_less():
+    """`selective` keeps only the linear layers' outputs: the bytes still allocated after the forward."""
+    from torch.profiler import profile
+
+    cfg = RARConfig(64, 2, 4, 256, num_tokens=16, codebook_size=16, num_classes=3, dropout=0.1, attn_dropout=0.1)
+    model = RAR(cfg).train()
+    tokens, labels = torch.randint(0, 16, (4, 16)), torch.tensor([0, 1, 2, 3])
+
+    def kept_bytes(mode):
+        with profile(profile_memory=True) as prof:
+            logits = model(tokens, labels, checkpoint=mode)  # noqa: F841 (keeps the graph alive)
+        return sum(e.self_cpu_memory_usage for e in prof.key_averages())
+
+    attention, selective, full = (kept_bytes(m) for m in ("attention", "selective", "full"))
+    assert 0 < full < selective < 0.7 * attention
+
+
+def test_keep_mask_rate_and_scale():
+    from rar.model import drop_scale, dropout, keep_mask
+
+    torch.manual_seed(0)
+    keep = keep_mask((1000, 1000), 0.1)
+    assert keep.dtype == torch.bool and abs(1 - keep.float().mean().item() - 0.1) < 2e-3
+    assert keep_mask((3,), 0.0) is None and drop_scale(0.1) == 65536 / (65536 - 6554)
+    x = torch.ones(1000, 1000)
+    assert abs(dropout(x, keep, 0.1).mean().item() - 1) < 3e-3  # inverted dropout keeps the mean
+    assert torch.equal(dropout(x, None, 0.1), x)
