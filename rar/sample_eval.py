@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .images import to_uint8
-from .sampler import generate
+from .sampler import generate, pack_for_cpu
 
 
 def chunk_path(out: Path, c: int) -> Path:
@@ -70,6 +70,7 @@ def sample_eval(model, tokenizer, out_npz, *, num_per_class: int = 50, num_class
     device = next(model.parameters()).device
     mine = sum(min(chunk_size, total - c * chunk_size) for c in todo)
     bar = tqdm(total=mine, desc=f"sample-eval rank {rank}", unit="img", disable=not progress, smoothing=0.1)
+    model = pack_for_cpu(model)  # once, not per batch (a no-op off CPU)
     t0 = time.perf_counter()
     for c in todo:
         indices = range(c * chunk_size, min((c + 1) * chunk_size, total))

@@ -73,6 +73,8 @@ def sample_to_folder(generator_path, out_dir, *, classes: str = "0", class_names
         vq = load_any_tokenizer(tokenizer).to(device).eval()
     from tqdm.auto import tqdm
 
+    from .sampler import pack_for_cpu
+    model = pack_for_cpu(model)  # once, not per batch (a no-op off CPU)
     tokens, images, t0 = [], [], time.perf_counter()
     bar = tqdm(total=len(labels), desc="sample", unit="img", disable=not progress)
     for start in range(0, len(labels), batch_size):

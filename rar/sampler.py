@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .model import KVCache, RAR
 
@@ -35,24 +36,39 @@ class _PackedLinear(torch.nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
 
-def _packed_clone(module: torch.nn.Module) -> torch.nn.Module:
-    """A shallow copy of the module tree sharing every tensor, with each nn.Linear packed."""
+def _packed_clone(module: torch.nn.Module, skip: tuple[str, ...] = ()) -> torch.nn.Module:
+    """A shallow copy of the module tree sharing every tensor, with each nn.Linear packed except
+    those under a submodule named in `skip`."""
     import copy
 
+    def pack(name, child):
+        if name in skip:
+            return child
+        return _PackedLinear(child) if type(child) is torch.nn.Linear else _packed_clone(child, skip)
+
     clone = copy.copy(module)
-    clone._modules = {name: _PackedLinear(child) if type(child) is torch.nn.Linear else _packed_clone(child)
-                      for name, child in module._modules.items()}
+    clone._modules = {name: pack(name, child) for name, child in module._modules.items()}
     return clone
+
+
+def is_packed(model: torch.nn.Module) -> bool:
+    return hasattr(model, "folded_adaln")
 
 
 def pack_for_cpu(model: RAR) -> RAR:
     """The model for CPU decoding with oneDNN pre-packed linear weights (same outputs up to fp32
-    rounding, ~1e-6 relative); the model itself is left untouched. Returns `model` unchanged where
-    the packed kernels do not apply (not on CPU, no oneDNN, or a dtype other than fp32/bf16)."""
+    rounding, ~1e-6 relative) and the folded adaLN of `fold_adaln`; the model itself is left
+    untouched. Packing RAR-B takes ~1 s: do it once and pass the packed model to every `generate`
+    call. Returns `model` unchanged where the packed kernels do not apply (not on CPU, no oneDNN,
+    a dtype other than fp32/bf16, already packed)."""
     p = next(model.parameters())
-    usable = (p.device.type == "cpu" and p.dtype in (torch.float32, torch.bfloat16)
+    usable = (p.device.type == "cpu" and p.dtype in (torch.float32, torch.bfloat16) and not is_packed(model)
               and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
-    return _packed_clone(model) if usable else model
+    if not usable:
+        return model
+    clone = _packed_clone(model, skip=("adaLN_modulation",))  # decoding uses the folded copy instead
+    clone.folded_adaln = _PackedLinear(fold_adaln(model))  # derived once here, not per generate call
+    return clone
 
 
 def guidance_schedule(guidance_scale: float, power: float, num_steps: int) -> torch.Tensor:
@@ -67,6 +83,57 @@ def guidance_schedule(guidance_scale: float, power: float, num_steps: int) -> to
 def sample_seed(seed: int, index: int) -> int:
     """A 63-bit seed for sample `index` of a run with `seed` (independent streams per sample)."""
     return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def fold_adaln(model: RAR) -> torch.nn.Linear:
+    """Every adaLN linear of the model, with the blocks' LayerNorm affines folded in, as ONE linear
+    D -> L * 6D + 2D for the decode step (one matmul per window of positions, one gather per step).
+
+    A block computes modulate(norm(x)) = (x_hat w + b)(1 + scale) + shift with scale and shift
+    linear in u = SiLU(condition). So a = w (1 + scale) and c = b (1 + scale) + shift are linear in u
+    too, and the step needs x_hat * a + c, one op instead of four. Per block the outputs are
+    [a1, c1, gate1, a2, c2, gate2]; the head's are [1 + scale, shift]. Folded in float64."""
+    D, L = model.config.hidden_size, len(model.blocks)
+    head = model.adaln_before_head.adaLN_modulation[-1]
+    folded = torch.nn.Linear(D, L * 6 * D + 2 * D, device="meta").to_empty(device=head.weight.device)
+    folded = folded.to(head.weight.dtype).requires_grad_(False)  # every value is set below
+    for i, blk in enumerate(model.blocks):  # one block at a time in float64: little extra memory
+        lin = blk.adaLN_modulation[-1]
+        W, bias = lin.weight.detach().double().chunk(6, dim=0), lin.bias.detach().double().chunk(6)
+        rows, biases = [], []
+        for half, norm in ((0, blk.norm1), (3, blk.norm2)):
+            w, b = norm.weight.detach().double(), norm.bias.detach().double()
+            (Wsh, Wsc, Wg), (bsh, bsc, bg) = W[half:half + 3], bias[half:half + 3]
+            rows += [w[:, None] * Wsc, b[:, None] * Wsc + Wsh, Wg]
+            biases += [w * (1 + bsc), b * (1 + bsc) + bsh, bg]
+        folded.weight[i * 6 * D:(i + 1) * 6 * D] = torch.cat(rows)
+        folded.bias[i * 6 * D:(i + 1) * 6 * D] = torch.cat(biases)
+    bsc, bsh = head.bias.detach().chunk(2)  # official chunk order (scale, shift)
+    folded.weight[L * 6 * D:] = head.weight.detach()
+    folded.bias[L * 6 * D:] = torch.cat([1 + bsc.double(), bsh.double()])
+    return folded.requires_grad_(False)
+
+
+def _decode_block(blk, x: torch.Tensor, mod: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], pos: int,
+                  qk_weight: torch.Tensor, qk_bias: torch.Tensor):
+    """`Block.forward` for one new position per row, written for speed (fewer, fused ops; the cache
+    is written in place): x (R, 1, D), mod (R, 1, 6D) from `fold_adaln`, the new keys and
+    values go to slot `pos` and attention reads slots 0..pos; qk_weight/qk_bias (2, 1, Dh) are the
+    q-norm and k-norm affines stacked. Equal to the block up to fp32 rounding."""
+    R, _, D = x.shape
+    attn, mlp = blk.attn, blk.mlp
+    H, Dh = attn.num_heads, attn.head_dim
+    a1, c1, gate1, a2, c2, gate2 = mod.chunk(6, dim=-1)
+    qkv = attn.qkv(torch.addcmul(c1, F.layer_norm(x, (D,), eps=1e-6), a1))[:, 0]  # (R, 3D)
+    qk = F.layer_norm(qkv[:, :2 * D].view(R, 2, H, Dh), (Dh,), eps=1e-6)  # q-norm and k-norm in one call
+    q, k = torch.addcmul(qk_bias, qk, qk_weight).unbind(1)  # (R, H, Dh) each
+    k_buf, v_buf = kv  # (R, H, S, Dh)
+    k_buf[:, :, pos] = k
+    v_buf[:, :, pos] = qkv[:, 2 * D:].view(R, H, Dh)
+    out = F.scaled_dot_product_attention(q[:, :, None], k_buf[:, :, :pos + 1], v_buf[:, :, :pos + 1])  # (R, H, 1, Dh)
+    x = torch.addcmul(x, gate1, attn.proj(out.view(R, 1, D)))
+    h = torch.addcmul(c2, F.layer_norm(x, (D,), eps=1e-6), a2)
+    return torch.addcmul(x, gate2, mlp.fc2(mlp.act(mlp.fc1(h))))  # (R, 1, D)
 
 
 class CachedDecoder:
@@ -84,31 +151,43 @@ class CachedDecoder:
         self.cache = KVCache(cfg, rows.shape[0], device=rows.device, dtype=dtype)
         # Distinct labels only (with guidance all unconditional rows share one label).
         self.labels, self.inverse = torch.unique(rows, return_inverse=True)  # (U,), (R,)
-        self.cond = model.condition(self.labels)  # (U, T+1, D)
+        self.cond = F.silu(model.condition(self.labels))  # (U, T+1, D): the adaLN input
+        self.adaln = model.folded_adaln if is_packed(model) else fold_adaln(model)
+        self.qk_norms = [tuple(torch.stack([getattr(b.attn.q_norm, n), getattr(b.attn.k_norm, n)])[:, None]
+                               for n in ("weight", "bias")) for b in model.blocks]  # [((2, 1, Dh), (2, 1, Dh))]
         per_slot = self.labels.numel() * cfg.hidden_size * (6 * cfg.num_layers + 2) * self.cond.element_size()
-        self.window = max(2, min(cfg.num_tokens + 1, MOD_BUDGET_BYTES // per_slot))
+        self.window = max(1, min(cfg.num_tokens + 1, MOD_BUDGET_BYTES // per_slot))
         self.win_start, self.win_mods = None, None
 
-    def _mods(self, start: int, stop: int) -> list[torch.Tensor]:
-        """adaLN outputs of positions start..stop-1 for every row: [(R, stop-start, kD)]."""
-        if self.win_start is None or not (self.win_start <= start and stop <= self.win_start + self.window):
-            self.win_start = start
-            self.win_mods = self.model.modulations(self.cond[:, start:start + self.window])  # [(U, W, kD)]
-        a, b = start - self.win_start, stop - self.win_start
-        return [m[self.inverse, a:b] for m in self.win_mods]
+    def _step_mods(self, pos: int) -> list[torch.Tensor]:
+        """Folded adaLN outputs at position `pos` for every row: [(R, 1, 6D)] * layers + [(R, 1, 2D)]."""
+        if self.win_start is None or not self.win_start <= pos < self.win_start + self.window:
+            self.win_start, self.win_mods = pos, None
+            self.win_mods = self.adaln(self.cond[:, pos:pos + self.window])  # (U, W, L*6D + 2D)
+        i = pos - self.win_start
+        mods = self.win_mods[:, i:i + 1].index_select(0, self.inverse)  # (R, 1, L*6D + 2D): label -> row
+        D = self.cond.shape[-1]
+        return list(mods.split([6 * D] * (len(self.model.blocks)) + [2 * D], dim=-1))
 
     def prefill(self) -> torch.Tensor:
-        m = self.model
-        first = self.order[0].expand(self.rows.shape[0])
-        h = m.forward_hidden(m.embed_prefix(self.rows, first), self._mods(0, 2), self.cache, start=0)
-        return m.lm_head(h[:, -1]).float()  # (R, V)
+        """[cls] then [class], one position at a time (causal, so the same as both at once)."""
+        x = self.model.embed_prefix(self.rows, self.order[0].expand(self.rows.shape[0]))  # (R, 2, D)
+        self._forward(x[:, :1], 0)
+        return self._forward(x[:, 1:], 1)
 
     def step(self, tokens: torch.Tensor, j: int) -> torch.Tensor:
-        m, R = self.model, self.rows.shape[0]
+        R = self.rows.shape[0]
         here = self.order[j].expand(R, 1)
         nxt = self.order[j + 1].expand(R, 1)
-        x = m.embed_tokens(tokens.view(R, 1), here, nxt)  # (R, 1, D)
-        h = m.forward_hidden(x, self._mods(j + 2, j + 3), self.cache, start=j + 2)  # (R, 1, D)
+        return self._forward(self.model.embed_tokens(tokens.view(R, 1), here, nxt), j + 2)
+
+    def _forward(self, x: torch.Tensor, pos: int) -> torch.Tensor:
+        """x (R, 1, D) at position `pos` through every block and the head: logits (R, V)."""
+        m, mods = self.model, self._step_mods(pos)
+        for i, blk in enumerate(m.blocks):
+            x = _decode_block(blk, x, mods[i], self.cache.layer(i), pos, *self.qk_norms[i])
+        a, c = mods[-1].chunk(2, dim=-1)
+        h = torch.addcmul(c, F.layer_norm(x, (x.shape[-1],), eps=1e-6), a)  # the head's adaLN
         return m.lm_head(h[:, 0]).float()  # (R, V)
 
 
@@ -157,7 +236,8 @@ def generate(model: RAR, labels, *, guidance_scale: float | None = None, guidanc
     Unset guidance_scale / guidance_scale_pow / temperature come from the model's preset. A guidance
     scale of 0 or 1 runs no unconditional rows. Randomness: `seed` (or one integer drawn from
     `generator`) and each sample's index (`indices`, default 0..B-1) fix its tokens, whatever the batch.
-    `pack_weights` decodes on CPU with oneDNN pre-packed linear weights (faster; see `pack_for_cpu`).
+    `pack_weights` decodes on CPU with oneDNN pre-packed linear weights (faster; see `pack_for_cpu`,
+    which also returns a model to pass here so that the packing is done only once).
     """
     cfg = model.config
     device = next(model.parameters()).device
@@ -178,7 +258,7 @@ def generate(model: RAR, labels, *, guidance_scale: float | None = None, guidanc
     guided = g not in (0.0, 1.0)
     scales = guidance_schedule(g, p, T).tolist()
     rows = torch.cat([labels, torch.full_like(labels, cfg.null_label)]) if guided else labels  # (R,)
-    dec = CachedDecoder(pack_for_cpu(model) if pack_weights else model, rows, order)
+    dec = CachedDecoder(pack_for_cpu(model) if pack_weights else model, rows, order)  # no-op if packed
     out = torch.empty(B, T, dtype=torch.long, device=device)
     logits = dec.prefill()  # (R, V)
     steps = range(T)
