@@ -54,8 +54,8 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 class KVCache:
     """Preallocated keys and values of every block for one batch (LlamaGen-style static cache).
 
-    The sampler creates it and passes it to `RAR.forward_hidden`; the model writes the keys and
-    values of the positions it processes at `start:start + N` and attends to `:start + N`.
+    The sampler creates one per batch and passes it to its decode step (`rar.sampler`), which
+    writes the keys and values of position p at slot p and attends to slots 0..p.
     """
 
     def __init__(self, config: RARConfig, batch_size: int, max_len: int | None = None,
@@ -104,10 +104,6 @@ def dropout(x: torch.Tensor, keep: torch.Tensor | None, p: float) -> torch.Tenso
     return x if keep is None else torch.where(keep, x, 0.0).mul_(drop_scale(p))
 
 
-def _attention(q, k, v, mask, causal: bool) -> torch.Tensor:
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None)
-
-
 def _attention_dropout(q, k, v, keep: torch.Tensor, p: float) -> torch.Tensor:
     """Causal attention with dropout on the probabilities (SDPA's math path, with the mask given):
     (B, H, N, Dh) -> (B, H, N, Dh)."""
@@ -129,24 +125,13 @@ class Attention(nn.Module):
         self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | None = None,
-                start: int = 0, drop: DropMasks | None = None, recompute: bool = True) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, drop: DropMasks | None = None, recompute: bool = True) -> torch.Tensor:
         B, N, D = x.shape
         qkv = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, H, N, Dh)
         q, k = self.q_norm(q), self.k_norm(k)
-        mask, causal = None, True
-        if kv is not None:
-            k_buf, v_buf = kv  # (B, H, S, Dh)
-            k_buf[:, :, start:start + N] = k
-            v_buf[:, :, start:start + N] = v
-            k, v = k_buf[:, :, :start + N], v_buf[:, :, :start + N]  # (B, H, start+N, Dh)
-            causal = N > 1 and start == 0
-            if N > 1 and start > 0:  # a chunk appended after a prefix: queries see prefix + earlier chunk
-                i = torch.arange(N, device=x.device)[:, None] + start
-                mask = torch.arange(start + N, device=x.device)[None, :] <= i  # (N, start+N)
         if drop is None or drop.attn is None:
-            out = _attention(q, k, v, mask, causal)  # (B, H, N, Dh)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, N, Dh)
         elif recompute:
             # Dropout needs the unfused path, which keeps four (B, H, N, N) matrices per block for the
             # backward pass; recomputing them there costs ~5% of the FLOPs and frees most of the memory.
@@ -193,11 +178,11 @@ class Block(nn.Module):
                             for w in (self.mlp.fc2.out_features, self.mlp.fc1.out_features, self.mlp.fc2.out_features)))
         return None if all(m is None for m in masks) else masks
 
-    def forward(self, x: torch.Tensor, mod: torch.Tensor, kv=None, start: int = 0,
-                drop: DropMasks | None = None, recompute_attention: bool = True) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mod: torch.Tensor, drop: DropMasks | None = None,
+                recompute_attention: bool = True) -> torch.Tensor:
         # x (B, N, D); mod (B, N, 6D) = adaLN_modulation(per-slot condition)
         shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)
-        x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1), kv, start, drop, recompute_attention)
+        x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1), drop, recompute_attention)
         return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2), drop)
 
 
@@ -281,9 +266,8 @@ class RAR(nn.Module):
         cond = cond + self.target_aware_pos_embed[0][first_index][:, None]  # (B, 1, D)
         return torch.cat([cls, cond], dim=1)
 
-    def forward_hidden(self, x: torch.Tensor, mods: list[torch.Tensor], cache: KVCache | None = None,
-                       start: int = 0, checkpoint: str = "selective") -> torch.Tensor:
-        """Run the blocks and the final adaLN on positions start..start+N-1: (B, N, D) -> (B, N, D).
+    def forward_hidden(self, x: torch.Tensor, mods: list[torch.Tensor], checkpoint: str = "selective") -> torch.Tensor:
+        """Run the blocks and the final adaLN on a whole (causal) sequence: (B, N, D) -> (B, N, D).
         `checkpoint` (one of CHECKPOINTING) chooses what the backward pass recomputes."""
         if checkpoint not in CHECKPOINTING:
             raise ValueError(f"checkpoint must be one of {CHECKPOINTING}, got {checkpoint!r}.")
@@ -291,13 +275,12 @@ class RAR(nn.Module):
         contexts = _selective_contexts if checkpoint == "selective" else torch.utils.checkpoint.noop_context_fn
         B, N = x.shape[:2]
         for i, blk in enumerate(self.blocks):
-            kv = cache.layer(i) if cache is not None else None
-            drop = blk.dropout_masks(B, N, x.device) if self.training and cache is None else None
+            drop = blk.dropout_masks(B, N, x.device) if self.training else None
             if whole_block:  # the block's own recomputation covers the attention
-                x = torch.utils.checkpoint.checkpoint(blk, x, mods[i], kv, start, drop, False, use_reentrant=False,
+                x = torch.utils.checkpoint.checkpoint(blk, x, mods[i], drop, False, use_reentrant=False,
                                                       context_fn=contexts, preserve_rng_state=False)
             else:
-                x = blk(x, mods[i], kv, start, drop)
+                x = blk(x, mods[i], drop)
         return self.adaln_before_head(x, mods[-1])
 
     # ---- the training / scoring forward -------------------------------------------------------

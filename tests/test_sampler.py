@@ -131,3 +131,36 @@ def test_packed_cpu_weights_give_the_same_logits_and_leave_the_model_alone(tiny_
                       pack_weights=False)
     assert torch.equal(greedy, generate(tiny_official, torch.tensor([0, 5, 9]), guidance_scale=4.0,
                                         guidance_scale_pow=0.0, top_k=1, pack_weights=True))
+
+
+def test_folded_adaln_equals_modulate_of_the_norms(tiny_official):
+    """The decode step's folded adaLN gives x_hat * a + c == modulate(norm(x), shift, scale)."""
+    import torch.nn.functional as F
+    from rar.model import modulate
+    from rar.sampler import fold_adaln
+
+    m, D = tiny_official, tiny_official.config.hidden_size
+    cond = m.condition(torch.tensor([0, 5, m.config.num_classes]))  # (3, T+1, D)
+    x = torch.randn(3, cond.shape[1], D, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        folded = fold_adaln(m)(F.silu(cond)).split(6 * D, dim=-1)
+        raw = m.modulations(cond)
+        for blk, mod, fold in zip(m.blocks, raw, folded):
+            shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)
+            a1, c1, g1, a2, c2, g2 = fold.chunk(6, dim=-1)
+            x_hat = F.layer_norm(x, (D,), eps=1e-6)
+            torch.testing.assert_close(torch.addcmul(c1, x_hat, a1), modulate(blk.norm1(x), shift1, scale1))
+            torch.testing.assert_close(torch.addcmul(c2, x_hat, a2), modulate(blk.norm2(x), shift2, scale2))
+            torch.testing.assert_close((g1, g2), (gate1, gate2))
+        a, c = folded[-1].chunk(2, dim=-1)
+        torch.testing.assert_close(torch.addcmul(c, F.layer_norm(x, (D,), eps=1e-6), a), m.adaln_before_head(x, raw[-1]))
+
+
+def test_packing_is_done_once(tiny_official):
+    from rar.sampler import is_packed, pack_for_cpu
+
+    packed = pack_for_cpu(tiny_official)
+    assert is_packed(packed) and not is_packed(tiny_official)
+    assert pack_for_cpu(packed) is packed
+    labels = torch.tensor([3, 4])
+    assert torch.equal(generate(packed, labels, top_k=1), generate(tiny_official, labels, top_k=1, pack_weights=False))
