@@ -65,10 +65,6 @@ class KVCache:
         self.keys = torch.zeros(shape, device=device, dtype=dtype)  # (layers, B, H, S, Dh)
         self.values = torch.zeros(shape, device=device, dtype=dtype)
 
-    @property
-    def max_len(self) -> int:
-        return self.keys.shape[3]
-
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.keys[i], self.values[i]
 
@@ -302,7 +298,7 @@ class RAR(nn.Module):
         # the batch (a third of the FLOPs when few classes repeat, e.g. 10 digits).
         distinct, inverse = labels.unique(return_inverse=True)  # (U,), (B,)
         if len(distinct) < len(labels):
-            mods = [m[inverse] for m in self.modulations(self.condition(distinct))]  # per block (B, T+1, 6D)
+            mods = [m.index_select(0, inverse) for m in self.modulations(self.condition(distinct))]  # (B, T+1, 6D)
         else:
             mods = self.modulations(self.condition(labels))
         h = self.forward_hidden(x, mods, checkpoint=checkpoint)  # (B, T+1, D)
