@@ -10,7 +10,7 @@ import torch
 
 from .checkpoint import load_generator
 from .config import RARConfig
-from .sampler import generate
+from .sampler import generate, pack_for_cpu
 
 
 def class_names_of(generator_path) -> list[str] | None:
@@ -73,7 +73,6 @@ def sample_to_folder(generator_path, out_dir, *, classes: str = "0", class_names
         vq = load_any_tokenizer(tokenizer).to(device).eval()
     from tqdm.auto import tqdm
 
-    from .sampler import pack_for_cpu
     model = pack_for_cpu(model)  # once, not per batch (a no-op off CPU)
     tokens, images, t0 = [], [], time.perf_counter()
     bar = tqdm(total=len(labels), desc="sample", unit="img", disable=not progress)

@@ -7,6 +7,12 @@ FIXTURES = Path(__file__).parent / "fixtures"
 
 
 @pytest.fixture(scope="session")
+def vqgan_reference():
+    """The official tiny MaskGIT-VQGAN fixture: state dict, images and the official outputs."""
+    return torch.load(FIXTURES / "maskgit_vqgan_tiny_reference.pt", weights_only=True)
+
+
+@pytest.fixture(scope="session")
 def rar_reference():
     return torch.load(FIXTURES / "rar_tiny_reference.pt", weights_only=True)
 

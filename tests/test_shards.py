@@ -12,13 +12,9 @@ from rar.images import list_image_folder
 from rar.shards import TokenShards, rank_and_world_size, tokenize_dataset, tokenize_folder
 from rar.vqgan import VQGANConfig, load_official_tokenizer, save_tokenizer
 
-FIXTURES = Path(__file__).parent / "fixtures"
-
-
 @pytest.fixture(scope="module")
-def tok():
-    ref = torch.load(FIXTURES / "maskgit_vqgan_tiny_reference.pt", weights_only=True)
-    return load_official_tokenizer(ref["state_dict"], VQGANConfig.preset("tiny_f4_32"))
+def tok(vqgan_reference):
+    return load_official_tokenizer(vqgan_reference["state_dict"], VQGANConfig.preset("tiny_f4_32"))
 
 
 @pytest.fixture(scope="module")

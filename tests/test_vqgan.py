@@ -7,34 +7,29 @@ import torch
 from rar.vqgan import (VQGAN, VQGANConfig, infer_config, load_any_tokenizer, load_official_tokenizer,
                        load_tokenizer, save_tokenizer)
 
-from conftest import FIXTURES, cloned_state, read_key_manifest
+from conftest import cloned_state, read_key_manifest
 
 
 @pytest.fixture(scope="module")
-def ref():
-    return torch.load(FIXTURES / "maskgit_vqgan_tiny_reference.pt", weights_only=True)
+def tiny(vqgan_reference):
+    return load_official_tokenizer(vqgan_reference["state_dict"])
 
 
-@pytest.fixture(scope="module")
-def tiny(ref):
-    return load_official_tokenizer(ref["state_dict"])
-
-
-def test_fixture_equality(ref, tiny):
+def test_fixture_equality(vqgan_reference, tiny):
     cfg = tiny.config
     assert (cfg.hidden_channels, cfg.channel_mult, cfg.num_res_blocks, cfg.z_channels, cfg.codebook_size) == \
         (32, (1, 1, 2), 1, 16, 64)
     with torch.no_grad():
-        z = tiny.encode_continuous(ref["images"])
-        codes = tiny.encode(ref["images"])
+        z = tiny.encode_continuous(vqgan_reference["images"])
+        codes = tiny.encode(vqgan_reference["images"])
         unclamped = tiny.decode_latent(tiny.lookup(codes))
         recon = tiny.decode(codes)
     assert codes.dtype == torch.int64 and codes.shape == (2, 64)
-    assert torch.equal(codes, ref["codes"])
-    assert (z - ref["encoder_out"]).abs().max() < 1e-4
-    assert (tiny.lookup(codes) - ref["quantized"]).abs().max() < 1e-6
-    assert (unclamped - ref["recon_unclamped"]).abs().max() < 1e-4
-    assert (recon - ref["recon"]).abs().max() < 1e-4
+    assert torch.equal(codes, vqgan_reference["codes"])
+    assert (z - vqgan_reference["encoder_out"]).abs().max() < 1e-4
+    assert (tiny.lookup(codes) - vqgan_reference["quantized"]).abs().max() < 1e-6
+    assert (unclamped - vqgan_reference["recon_unclamped"]).abs().max() < 1e-4
+    assert (recon - vqgan_reference["recon"]).abs().max() < 1e-4
     assert recon.min() >= 0 and recon.max() <= 1
 
 
@@ -80,40 +75,40 @@ def test_f16_256_manifest_keys_and_roundtrip():
     print(f"f16-256 encode+decode of one 256x256 image: {elapsed:.2f} s")
 
 
-def test_missing_key_named(ref):
-    state = cloned_state(ref)
+def test_missing_key_named(vqgan_reference):
+    state = cloned_state(vqgan_reference)
     del state["decoder.conv_out.bias"]
     with pytest.raises(ValueError, match=r"decoder\.conv_out\.bias.*\[3\]"):
         load_official_tokenizer(state)
 
 
-def test_missing_inference_key_named(ref):
-    state = cloned_state(ref)
+def test_missing_inference_key_named(vqgan_reference):
+    state = cloned_state(vqgan_reference)
     del state["encoder.conv_out.weight"]
     with pytest.raises(ValueError, match=r"encoder\.conv_out\.weight"):
         load_official_tokenizer(state)
 
 
-def test_extra_key_named(ref):
-    state = cloned_state(ref)
+def test_extra_key_named(vqgan_reference):
+    state = cloned_state(vqgan_reference)
     state["decoder.extra.weight"] = torch.zeros(4, 2)
     with pytest.raises(ValueError, match=r"decoder\.extra\.weight.*\[4, 2\]"):
         load_official_tokenizer(state)
 
 
-def test_misshaped_key_names_both_shapes(ref):
-    state = cloned_state(ref)
+def test_misshaped_key_names_both_shapes(vqgan_reference):
+    state = cloned_state(vqgan_reference)
     state["decoder.up.1.upsample_conv.bias"] = torch.zeros(7)
     with pytest.raises(ValueError, match=r"decoder\.up\.1\.upsample_conv\.bias.*\[7\].*\[32\]"):
         load_official_tokenizer(state)
 
 
-def test_explicit_config_checked(ref):
-    ok = load_official_tokenizer(ref["state_dict"], VQGANConfig.preset("tiny_f4_32"))
+def test_explicit_config_checked(vqgan_reference):
+    ok = load_official_tokenizer(vqgan_reference["state_dict"], VQGANConfig.preset("tiny_f4_32"))
     assert ok.config.resolution == 32
     wrong = VQGANConfig.preset("tiny_f4_32", codebook_size=128)
     with pytest.raises(ValueError, match=r"quantize\.embedding\.weight.*\[64, 16\].*\[128, 16\]"):
-        load_official_tokenizer(ref["state_dict"], wrong)
+        load_official_tokenizer(vqgan_reference["state_dict"], wrong)
 
 
 def test_missing_file_message(tmp_path):
@@ -123,15 +118,16 @@ def test_missing_file_message(tmp_path):
     assert "nope.bin" in msg and "maskgit-vqgan-imagenet-f16-256.bin" in msg and "fun-research/TiTok" in msg
 
 
-def test_project_format_roundtrip_and_dispatch(ref, tiny, tmp_path):
+def test_project_format_roundtrip_and_dispatch(vqgan_reference, tiny, tmp_path):
     save_tokenizer(tiny, tmp_path / "tok")
     assert {p.name for p in (tmp_path / "tok").iterdir()} == {"model.safetensors", "config.json"}
     for loaded in (load_tokenizer(tmp_path / "tok"), load_any_tokenizer(tmp_path / "tok"),
                    load_any_tokenizer(tmp_path / "tok" / "model.safetensors")):
         assert loaded.config == tiny.config
-        assert torch.equal(loaded.encode(ref["images"]), ref["codes"])
-    torch.save(ref["state_dict"], tmp_path / "official.bin")
-    assert torch.equal(load_any_tokenizer(tmp_path / "official.bin").encode(ref["images"]), ref["codes"])
+        assert torch.equal(loaded.encode(vqgan_reference["images"]), vqgan_reference["codes"])
+    torch.save(vqgan_reference["state_dict"], tmp_path / "official.bin")
+    official = load_any_tokenizer(tmp_path / "official.bin")
+    assert torch.equal(official.encode(vqgan_reference["images"]), vqgan_reference["codes"])
     with pytest.raises(ValueError, match="neither"):
         load_any_tokenizer(tmp_path / "weights.txt")
 
