@@ -7,7 +7,9 @@ Why this is faster than upstream at identical outputs (tokens equal; logits with
   FLOPs, and at batch 1 a third of the weights streamed per step); all blocks' adaLN linears are
   one folded linear that also absorbs the LayerNorm affines (`fold_adaln`), so a step gathers its
   modulation in one op and modulates with one `addcmul`;
-- on CPU the linear layers run on oneDNN pre-packed weights (`pack_for_cpu`, once per process);
+- on CPU each linear layer streams its weight in the layout fastest for the step's row count:
+  `mm(W, x.t())` over column blocks at 1-2 rows (batch 1 with guidance), oneDNN's pre-packed
+  layout above (`pack_for_cpu`, once per process);
 - the KV cache is preallocated (no `torch.cat` growth), and each step embeds only the new token
   instead of re-embedding the prefix and repeating full position tables.
 
@@ -22,21 +24,62 @@ import torch.nn.functional as F
 
 from .model import KVCache, RAR
 
-MOD_BUDGET_BYTES = 256 * 2**20  # cap on precomputed adaLN outputs held at once
+# Precomputed adaLN outputs held at once. 32 MiB is glibc's largest mmap threshold: a window that
+# fits is recycled from the heap instead of faulting in fresh pages (measured ~7% faster window
+# matmuls than 256 MiB windows, and ~200 MiB less peak memory at RAR-B batch 8) ...
+MOD_BUDGET_BYTES = 32 * 2**20
+MIN_WINDOW_ROWS = 64  # ... unless that leaves a window matmul fewer rows than this (slower kernels)
+
+
+GEMV_MAX_ROWS = 2  # up to this many rows (batch 1 with guidance), fp32 weights stream through mm(W, x.t())
+GEMV_K_CHUNK = 1024  # ... in column blocks of at most this width
 
 
 class _PackedLinear(torch.nn.Module):
-    """nn.Linear with its weight pre-packed in oneDNN's blocked layout. At the 2-16 rows of a
-    decode step, MKL's sgemm behind F.linear streams weights at ~7 GB/s on a 2-core CPU, the
-    packed oneDNN kernel at ~20 GB/s (benchmarks/sample_speed.py; BENCHMARKS.md)."""
+    """nn.Linear for CPU decode steps, with its weight in the layout that streams fastest for the
+    number of rows. Measured on a 2-core CPU (benchmarks/sample_speed.py; BENCHMARKS.md), F.linear
+    (MKL sgemm on W^T) reads weights at ~8 GB/s at 2-16 rows. From 3 rows on, oneDNN's pre-packed
+    blocked layout reaches ~20 GB/s. At 1-2 rows `mm(W, x.t())` reaches ~32 GB/s, close to what the
+    machine can read (fp32; in bf16 the packed kernel is faster at every row count), but only
+    while a row of W is at most ~1.5k floats: wider weights (fc2) are split into contiguous column
+    blocks whose products are summed. Each layout is built on first use and kept (a layout never
+    used costs no memory). `gemv=False` packs at once and drops the plain weight: for a linear
+    only ever applied to many rows (the folded adaLN)."""
 
-    def __init__(self, linear: torch.nn.Linear):
+    def __init__(self, linear: torch.nn.Linear, gemv: bool = True):
         super().__init__()
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None)
-        self.bias = linear.bias
+        self.weight, self.bias = linear.weight.detach(), linear.bias
+        self.shape = tuple(self.weight.shape)  # (N, K)
+        self._packed: torch.Tensor | None = None
+        self._blocks: tuple[torch.Tensor, ...] | None = None
+        if not gemv:
+            self._packed, self.weight = torch.ops.mkldnn._reorder_linear_weight(self.weight, None), None
+
+    def _gemv(self, rows: int) -> bool:
+        """Whether `rows` rows take the mm(W, x.t()) path (fp32 only: in bf16 the packed kernel is faster)."""
+        return rows <= GEMV_MAX_ROWS and self.weight is not None and self.weight.dtype == torch.float32
+
+    def prepare(self, rows: int) -> None:
+        """Build (once) the layout used for `rows` rows."""
+        if not self._gemv(rows):
+            if self._packed is None:
+                self._packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, None)
+        elif self._blocks is None:
+            self._blocks = tuple(w.contiguous() for w in self.weight.split(GEMV_K_CHUNK, dim=1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        N, K = self.shape
+        rows = x.numel() // K
+        self.prepare(rows)
+        if not self._gemv(rows):
+            return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
+        # x.t() must be a transposed view of a contiguous x: MKL is ~4x slower on a (K, rows) one.
+        xs = x.reshape(rows, K).contiguous().split(GEMV_K_CHUNK, dim=1)
+        first = (self._blocks[0], xs[0].t())
+        out = torch.mm(*first) if self.bias is None else torch.addmm(self.bias[:, None], *first)  # (N, rows)
+        for w, xc in zip(self._blocks[1:], xs[1:]):
+            out.addmm_(w, xc.t())
+        return out.t().reshape(*x.shape[:-1], N)
 
 
 def _packed_clone(module: torch.nn.Module, skip: tuple[str, ...] = ()) -> torch.nn.Module:
@@ -58,11 +101,13 @@ def is_packed(model: torch.nn.Module) -> bool:
     return hasattr(model, "folded_adaln")
 
 
-def pack_for_cpu(model: RAR) -> RAR:
-    """The model for CPU decoding with oneDNN pre-packed linear weights (same outputs up to fp32
-    rounding, ~1e-6 relative) and the folded adaLN of `fold_adaln`; the model itself is left
-    untouched. Packing RAR-B takes ~1 s: do it once and pass the packed model to every `generate`
-    call. Returns `model` unchanged where the packed kernels do not apply (not on CPU, no oneDNN,
+def pack_for_cpu(model: RAR, rows: int | None = None) -> RAR:
+    """The model for CPU decoding: linear layers that pick their kernel and weight layout by the
+    number of rows (`_PackedLinear`; same outputs up to fp32 rounding, ~1e-6 relative) and the
+    folded adaLN of `fold_adaln`; the model itself is left untouched. Preparing RAR-B takes ~0.3 s
+    here and each layout ~0.1-0.5 s on its first use, or now for decode steps of `rows` rows (a
+    batch of B with guidance has 2B): do it once and pass the result to every `generate` call.
+    Returns `model` unchanged where the packed kernels do not apply (not on CPU, no oneDNN,
     a dtype other than fp32/bf16, already packed)."""
     p = next(model.parameters())
     usable = (p.device.type == "cpu" and p.dtype in (torch.float32, torch.bfloat16) and not is_packed(model)
@@ -70,7 +115,11 @@ def pack_for_cpu(model: RAR) -> RAR:
     if not usable:
         return model
     clone = _packed_clone(model, skip=("adaLN_modulation",))  # decoding uses the folded copy instead
-    clone.folded_adaln = _PackedLinear(fold_adaln(model))  # derived once here, not per generate call
+    clone.folded_adaln = _PackedLinear(fold_adaln(model), gemv=False)  # derived once here, not per call
+    if rows is not None:
+        for lin in clone.modules():
+            if isinstance(lin, _PackedLinear):
+                lin.prepare(rows)
     return clone
 
 
@@ -120,23 +169,24 @@ def fold_adaln(model: RAR) -> torch.nn.Linear:
 def _decode_block(blk, x: torch.Tensor, mod: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], pos: int,
                   qk_weight: torch.Tensor, qk_bias: torch.Tensor):
     """`Block.forward` for one new position per row, written for speed (fewer, fused ops; the cache
-    is written in place): x (R, 1, D), mod (R, 1, 6D) from `fold_adaln`, the new keys and
-    values go to slot `pos` and attention reads slots 0..pos; qk_weight/qk_bias (2, 1, Dh) are the
-    q-norm and k-norm affines stacked. Equal to the block up to fp32 rounding."""
-    R, _, D = x.shape
+    is written in place; 2-D rows so that no linear output needs a reshape): x (R, D), mod (R, 6D)
+    from `fold_adaln`, the new keys and values go to slot `pos` and attention reads slots 0..pos;
+    qk_weight/qk_bias (2, 1, Dh) are the q-norm and k-norm affines stacked. Equal to the block up
+    to fp32 rounding."""
+    R, D = x.shape
     attn, mlp = blk.attn, blk.mlp
     H, Dh = attn.num_heads, attn.head_dim
     a1, c1, gate1, a2, c2, gate2 = mod.chunk(6, dim=-1)
-    qkv = attn.qkv(torch.addcmul(c1, F.layer_norm(x, (D,), eps=1e-6), a1))[:, 0]  # (R, 3D)
-    qk = F.layer_norm(qkv[:, :2 * D].view(R, 2, H, Dh), (Dh,), eps=1e-6)  # q-norm and k-norm in one call
+    qkv = attn.qkv(torch.addcmul(c1, F.layer_norm(x, (D,), eps=1e-6), a1))  # (R, 3D)
+    qk = F.layer_norm(qkv[:, :2 * D].reshape(R, 2, H, Dh), (Dh,), eps=1e-6)  # q-norm and k-norm in one call
     q, k = torch.addcmul(qk_bias, qk, qk_weight).unbind(1)  # (R, H, Dh) each
     k_buf, v_buf = kv  # (R, H, S, Dh)
     k_buf[:, :, pos] = k
     v_buf[:, :, pos] = qkv[:, 2 * D:].view(R, H, Dh)
     out = F.scaled_dot_product_attention(q[:, :, None], k_buf[:, :, :pos + 1], v_buf[:, :, :pos + 1])  # (R, H, 1, Dh)
-    x = torch.addcmul(x, gate1, attn.proj(out.view(R, 1, D)))
+    x = torch.addcmul(x, gate1, attn.proj(out.view(R, D)))
     h = torch.addcmul(c2, F.layer_norm(x, (D,), eps=1e-6), a2)
-    return torch.addcmul(x, gate2, mlp.fc2(mlp.act(mlp.fc1(h))))  # (R, 1, D)
+    return torch.addcmul(x, gate2, mlp.fc2(mlp.act(mlp.fc1(h))))  # (R, D)
 
 
 class CachedDecoder:
@@ -159,16 +209,20 @@ class CachedDecoder:
         self.qk_norms = [tuple(torch.stack([getattr(b.attn.q_norm, n), getattr(b.attn.k_norm, n)])[:, None]
                                for n in ("weight", "bias")) for b in model.blocks]  # [((2, 1, Dh), (2, 1, Dh))]
         per_slot = self.labels.numel() * cfg.hidden_size * (6 * cfg.num_layers + 2) * self.cond.element_size()
-        self.window = max(1, min(cfg.num_tokens + 1, MOD_BUDGET_BYTES // per_slot))
+        rows_floor = -(-MIN_WINDOW_ROWS // self.labels.numel())  # positions
+        self.window = max(1, min(cfg.num_tokens + 1, max(rows_floor, MOD_BUDGET_BYTES // per_slot)))
         self.win_start, self.win_mods = None, None
+        self.step_mods = None  # (R, L*6D + 2D), reused: a fresh multi-MB tensor per step costs page faults
 
     def _step_mods(self, pos: int) -> list[torch.Tensor]:
-        """Folded adaLN outputs at position `pos` for every row: [(R, 1, 6D)] * layers + [(R, 1, 2D)]."""
+        """Folded adaLN outputs at position `pos` for every row: [(R, 6D)] * layers + [(R, 2D)]."""
         if self.win_start is None or not self.win_start <= pos < self.win_start + self.window:
             self.win_start, self.win_mods = pos, None
             self.win_mods = self.adaln(self.cond[:, pos:pos + self.window])  # (U, W, L*6D + 2D)
         i = pos - self.win_start
-        mods = self.win_mods[:, i:i + 1].index_select(0, self.inverse)  # (R, 1, L*6D + 2D): label -> row
+        if self.step_mods is None:
+            self.step_mods = self.win_mods.new_empty(self.rows.shape[0], self.win_mods.shape[-1])
+        mods = torch.index_select(self.win_mods[:, i], 0, self.inverse, out=self.step_mods)  # (R, L*6D + 2D)
         D = self.cond.shape[-1]
         return list(mods.split([6 * D] * (len(self.model.blocks)) + [2 * D], dim=-1))
 
@@ -187,11 +241,12 @@ class CachedDecoder:
     def _forward(self, x: torch.Tensor, pos: int) -> torch.Tensor:
         """x (R, 1, D) at position `pos` through every block and the head: logits (R, V)."""
         m, mods = self.model, self._step_mods(pos)
+        x = x[:, 0]  # (R, D)
         for i, blk in enumerate(m.blocks):
             x = _decode_block(blk, x, mods[i], self.cache.layer(i), pos, *self.qk_norms[i])
         a, c = mods[-1].chunk(2, dim=-1)
         h = torch.addcmul(c, F.layer_norm(x, (x.shape[-1],), eps=1e-6), a)  # the head's adaLN
-        return m.lm_head(h[:, 0]).float()  # (R, V)
+        return m.lm_head(h).float()  # (R, V)
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:

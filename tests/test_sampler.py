@@ -23,6 +23,8 @@ def test_guidance_schedule_equals_upstream(rar_reference, key):
 def test_greedy_decoding_reproduces_official(rar_reference, tiny_official, key, g, p):
     tokens = generate(tiny_official, rar_reference["greedy_labels"], guidance_scale=g, guidance_scale_pow=p, top_k=1)
     assert torch.equal(tokens, rar_reference["greedy_tokens"][key])
+    one = generate(tiny_official, rar_reference["greedy_labels"][:1], guidance_scale=g, guidance_scale_pow=p, top_k=1)
+    assert torch.equal(one, tokens[:1])  # batch 1: the 1-2 row kernels (`_PackedLinear`), same tokens
 
 
 def test_cached_steps_equal_official_kv_path(rar_reference, tiny_official):
@@ -55,7 +57,8 @@ def test_modulation_window_boundaries_do_not_change_logits(tiny_official, monkey
     tokens = torch.randint(0, 32, (2, 16), generator=torch.Generator().manual_seed(0))
     labels = torch.tensor([1, 10])
     whole = cached_logits(tiny_official, tokens, labels)
-    monkeypatch.setattr(sampler, "MOD_BUDGET_BYTES", 1)  # forces a window of 2 positions
+    monkeypatch.setattr(sampler, "MOD_BUDGET_BYTES", 1)  # forces a window of 1 position
+    monkeypatch.setattr(sampler, "MIN_WINDOW_ROWS", 1)
     torch.testing.assert_close(cached_logits(tiny_official, tokens, labels), whole, rtol=0, atol=1e-5)
 
 
@@ -164,3 +167,30 @@ def test_packing_is_done_once(tiny_official):
     assert pack_for_cpu(packed) is packed
     labels = torch.tensor([3, 4])
     assert torch.equal(generate(packed, labels, top_k=1), generate(tiny_official, labels, top_k=1, pack_weights=False))
+    ready = pack_for_cpu(tiny_official, rows=2)  # layouts for 2-row steps built now, the others never
+    lins = [m for m in ready.blocks.modules() if hasattr(m, "prepare")]
+    assert lins and all(m._blocks is not None and m._packed is None for m in lins)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 2, 3, 16])
+def test_decode_linear_equals_linear_for_every_kernel(rows, dtype):
+    """fp32 with 2 rows or fewer takes the column-blocked mm(W, x.t()) path (here 3 blocks, the last
+    narrower), everything else oneDNN's packed weight; both equal F.linear, from contiguous and
+    strided inputs."""
+    from rar.sampler import GEMV_K_CHUNK, _PackedLinear
+
+    g = torch.Generator().manual_seed(0)
+    lin = torch.nn.Linear(2 * GEMV_K_CHUNK + 100, 24)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(lin.weight.shape, generator=g))
+    lin = lin.to(dtype)
+    dec = _PackedLinear(lin)
+    x = torch.randn(lin.in_features, rows, generator=g).to(dtype).t()  # a transposed (strided) input
+    for inp in (x, x.contiguous()[:, None]):
+        out = dec(inp)
+        assert out.shape == (*inp.shape[:-1], 24) and out.dtype == dtype
+        tol = dict(rtol=1e-5, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=0.5)
+        torch.testing.assert_close(out, lin(inp).detach(), **tol)
+    gemv = rows <= 2 and dtype == torch.float32
+    assert (dec._blocks is not None) == gemv and (dec._packed is not None) == (not gemv)
