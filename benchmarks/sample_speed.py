@@ -138,9 +138,10 @@ def flops_per_image(cfg, guided: bool = True) -> float:
     return (per_pos * (T + 1) + attn) * (2 if guided else 1)
 
 
-def matmul_peak(threads: int, n: int = 2048) -> float:
+def matmul_peak(threads: int, dtype: torch.dtype = torch.float32, n: int = 2048) -> float:
+    """FLOP/s of a large square matmul in `dtype`: the yardstick for "% of matmul peak"."""
     torch.set_num_threads(threads)
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
     for _ in range(3):
         a @ b
     t0 = time.perf_counter()
@@ -178,7 +179,7 @@ def main() -> None:
             runs[impl].append(r["seconds_per_batch"])
             if impl not in results or r["seconds_per_batch"] < results[impl]["seconds_per_batch"]:
                 results[impl] = r
-    peak = matmul_peak(args.threads) if args.device == "cpu" else float("nan")
+    peak = matmul_peak(args.threads, getattr(torch, args.dtype)) if args.device == "cpu" else float("nan")
     flops = flops_per_image(cfg, cfg.guidance_scale not in (0, 1))
     for impl, r in results.items():
         frac = flops * r["images_per_s"] / peak

@@ -166,6 +166,16 @@ def fold_adaln(model: RAR) -> torch.nn.Linear:
     return folded.requires_grad_(False)
 
 
+def _single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(Dh)) v for q (R, H, 1, Dh) and k, v (R, H, L, Dh). fp32 uses torch's
+    fused kernel. In bf16 that kernel is 2-3x slower on CPU than two matmuls around an fp32
+    softmax (same error against an fp32 reference; BENCHMARKS.md), so those are used there."""
+    if q.dtype == torch.float32 or q.device.type != "cpu":
+        return F.scaled_dot_product_attention(q, k, v)
+    scores = torch.matmul(k, q.transpose(-1, -2)).float() * q.shape[-1] ** -0.5  # (R, H, L, 1): k-major reads
+    return torch.matmul(scores.transpose(-1, -2).softmax(-1).to(v.dtype), v)  # (R, H, 1, Dh)
+
+
 def _decode_block(blk, x: torch.Tensor, mod: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], pos: int,
                   qk_weight: torch.Tensor, qk_bias: torch.Tensor):
     """`Block.forward` for one new position per row, written for speed (fewer, fused ops; the cache
@@ -183,7 +193,7 @@ def _decode_block(blk, x: torch.Tensor, mod: torch.Tensor, kv: tuple[torch.Tenso
     k_buf, v_buf = kv  # (R, H, S, Dh)
     k_buf[:, :, pos] = k
     v_buf[:, :, pos] = qkv[:, 2 * D:].view(R, H, Dh)
-    out = F.scaled_dot_product_attention(q[:, :, None], k_buf[:, :, :pos + 1], v_buf[:, :, :pos + 1])  # (R, H, 1, Dh)
+    out = _single_query_attention(q[:, :, None], k_buf[:, :, :pos + 1], v_buf[:, :, :pos + 1])  # (R, H, 1, Dh)
     x = torch.addcmul(x, gate1, attn.proj(out.view(R, D)))
     h = torch.addcmul(c2, F.layer_norm(x, (D,), eps=1e-6), a2)
     return torch.addcmul(x, gate2, mlp.fc2(mlp.act(mlp.fc1(h))))  # (R, D)

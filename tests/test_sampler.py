@@ -194,3 +194,20 @@ def test_decode_linear_equals_linear_for_every_kernel(rows, dtype):
         torch.testing.assert_close(out, lin(inp).detach(), **tol)
     gemv = rows <= 2 and dtype == torch.float32
     assert (dec._blocks is not None) == gemv and (dec._packed is not None) == (not gemv)
+
+
+def test_bf16_single_query_attention_matches_fp32():
+    """bf16 decoding on CPU uses two matmuls around an fp32 softmax instead of the fused kernel:
+    it must be as close to the fp32 result as the fused bf16 kernel is."""
+    import torch.nn.functional as F
+    from rar.sampler import _single_query_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 4, n, 16, generator=g) for n in (1, 37, 37))
+    ref = F.scaled_dot_product_attention(q, k, v)
+    assert torch.equal(_single_query_attention(q, k, v), ref)  # fp32: the fused kernel itself
+    low = [t.bfloat16() for t in (q, k, v)]
+    ours = _single_query_attention(*low)
+    assert ours.dtype == torch.bfloat16 and ours.shape == ref.shape
+    fused_err = (F.scaled_dot_product_attention(*low).float() - ref).abs().max()
+    assert (ours.float() - ref).abs().max() <= 2 * fused_err + 1e-3
