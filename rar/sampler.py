@@ -104,9 +104,10 @@ def is_packed(model: torch.nn.Module) -> bool:
 def pack_for_cpu(model: RAR, rows: int | None = None) -> RAR:
     """The model for CPU decoding: linear layers that pick their kernel and weight layout by the
     number of rows (`_PackedLinear`; same outputs up to fp32 rounding, ~1e-6 relative) and the
-    folded adaLN of `fold_adaln`; the model itself is left untouched. Preparing RAR-B takes ~0.3 s
-    here and each layout ~0.1-0.5 s on its first use, or now for decode steps of `rows` rows (a
-    batch of B with guidance has 2B): do it once and pass the result to every `generate` call.
+    folded adaLN of `fold_adaln`; the model itself is left untouched. Each weight layout is built
+    on its first use, or now for decode steps of `rows` rows (a batch of B with guidance has 2B);
+    with them, preparing RAR-B takes 0.4-0.7 s on a 2-core CPU (BENCHMARKS.md). Do it once and
+    pass the result to every `generate` call.
     Returns `model` unchanged where the packed kernels do not apply (not on CPU, no oneDNN,
     a dtype other than fp32/bf16, already packed)."""
     p = next(model.parameters())
@@ -169,7 +170,8 @@ def fold_adaln(model: RAR) -> torch.nn.Linear:
 def _single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T / sqrt(Dh)) v for q (R, H, 1, Dh) and k, v (R, H, L, Dh). fp32 uses torch's
     fused kernel. In bf16 that kernel is 2-3x slower on CPU than two matmuls around an fp32
-    softmax (same error against an fp32 reference; BENCHMARKS.md), so those are used there."""
+    softmax (BENCHMARKS.md), so those are used there; their scores are rounded to bf16 before the
+    softmax, which gives about twice the fused kernel's error against fp32 (2.2x in the test)."""
     if q.dtype == torch.float32 or q.device.type != "cpu":
         return F.scaled_dot_product_attention(q, k, v)
     scores = torch.matmul(k, q.transpose(-1, -2)).float() * q.shape[-1] ** -0.5  # (R, H, L, 1): k-major reads
@@ -304,8 +306,9 @@ def generate(model: RAR, labels, *, guidance_scale: float | None = None, guidanc
     Unset guidance_scale / guidance_scale_pow / temperature come from the model's preset. A guidance
     scale of 0 or 1 runs no unconditional rows. Randomness: `seed` (or one integer drawn from
     `generator`) and each sample's index (`indices`, default 0..B-1) fix its tokens, whatever the batch.
-    `pack_weights` decodes on CPU with oneDNN pre-packed linear weights (faster; see `pack_for_cpu`,
-    which also returns a model to pass here so that the packing is done only once).
+    `pack_weights` decodes on CPU with each linear weight in the layout fastest for the step's row
+    count (faster; see `pack_for_cpu`, which also returns a model to pass here so that the
+    preparation is done only once).
     """
     cfg = model.config
     device = next(model.parameters()).device

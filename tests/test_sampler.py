@@ -52,13 +52,15 @@ def test_cached_equals_full_forward_every_step(tiny_official, order):
     assert (cached - full).abs().max() <= 1e-5
 
 
-def test_modulation_window_boundaries_do_not_change_logits(tiny_official, monkeypatch):
+@pytest.mark.parametrize("min_rows,window", [(1, 1), (10, 5)])
+def test_modulation_window_boundaries_do_not_change_logits(tiny_official, monkeypatch, min_rows, window):
     import rar.sampler as sampler
     tokens = torch.randint(0, 32, (2, 16), generator=torch.Generator().manual_seed(0))
     labels = torch.tensor([1, 10])
     whole = cached_logits(tiny_official, tokens, labels)
-    monkeypatch.setattr(sampler, "MOD_BUDGET_BYTES", 1)  # forces a window of 1 position
-    monkeypatch.setattr(sampler, "MIN_WINDOW_ROWS", 1)
+    monkeypatch.setattr(sampler, "MOD_BUDGET_BYTES", 1)  # the window is then min_rows / 2 labels
+    monkeypatch.setattr(sampler, "MIN_WINDOW_ROWS", min_rows)
+    assert sampler.CachedDecoder(tiny_official, labels, torch.arange(16)).window == window
     torch.testing.assert_close(cached_logits(tiny_official, tokens, labels), whole, rtol=0, atol=1e-5)
 
 
@@ -196,18 +198,23 @@ def test_decode_linear_equals_linear_for_every_kernel(rows, dtype):
     assert (dec._blocks is not None) == gemv and (dec._packed is not None) == (not gemv)
 
 
-def test_bf16_single_query_attention_matches_fp32():
-    """bf16 decoding on CPU uses two matmuls around an fp32 softmax instead of the fused kernel:
-    it must be as close to the fp32 result as the fused bf16 kernel is."""
+def test_bf16_single_query_attention_is_close_to_fp32(monkeypatch):
+    """bf16 decoding on CPU uses two matmuls around an fp32 softmax instead of the fused kernel;
+    its error against fp32 stays within 2.5x the fused bf16 kernel's (RAR's head size, q/k-normed)."""
     import torch.nn.functional as F
     from rar.sampler import _single_query_attention
 
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(3, 4, n, 16, generator=g) for n in (1, 37, 37))
+    q, k, v = (torch.randn(3, 4, n, 64, generator=g) for n in (1, 37, 37))
+    q, k = (F.layer_norm(t, (64,)) for t in (q, k))
     ref = F.scaled_dot_product_attention(q, k, v)
     assert torch.equal(_single_query_attention(q, k, v), ref)  # fp32: the fused kernel itself
     low = [t.bfloat16() for t in (q, k, v)]
+    fused_err = (F.scaled_dot_product_attention(*low).float() - ref).abs().max()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("bf16 must not take the fused kernel")
+    monkeypatch.setattr(F, "scaled_dot_product_attention", refuse)
     ours = _single_query_attention(*low)
     assert ours.dtype == torch.bfloat16 and ours.shape == ref.shape
-    fused_err = (F.scaled_dot_product_attention(*low).float() - ref).abs().max()
-    assert (ours.float() - ref).abs().max() <= 2 * fused_err + 1e-3
+    assert (ours.float() - ref).abs().max() <= 2.5 * fused_err
