@@ -224,7 +224,8 @@ class CachedDecoder:
         rows_floor = -(-MIN_WINDOW_ROWS // self.labels.numel())  # positions
         self.window = max(1, min(cfg.num_tokens + 1, max(rows_floor, MOD_BUDGET_BYTES // per_slot)))
         self.win_start, self.win_mods = None, None
-        self.step_mods = None  # (R, L*6D + 2D), reused: a fresh multi-MB tensor per step costs page faults
+        # (R, L*6D + 2D): one step's modulations, reused (a fresh multi-MB tensor per step costs page faults)
+        self.step_mods = self.cond.new_empty(rows.shape[0], cfg.hidden_size * (6 * cfg.num_layers + 2))
 
     def _step_mods(self, pos: int) -> list[torch.Tensor]:
         """Folded adaLN outputs at position `pos` for every row: [(R, 6D)] * layers + [(R, 2D)]."""
@@ -232,8 +233,6 @@ class CachedDecoder:
             self.win_start, self.win_mods = pos, None
             self.win_mods = self.adaln(self.cond[:, pos:pos + self.window])  # (U, W, L*6D + 2D)
         i = pos - self.win_start
-        if self.step_mods is None:
-            self.step_mods = self.win_mods.new_empty(self.rows.shape[0], self.win_mods.shape[-1])
         mods = torch.index_select(self.win_mods[:, i], 0, self.inverse, out=self.step_mods)  # (R, L*6D + 2D)
         D = self.cond.shape[-1]
         return list(mods.split([6 * D] * (len(self.model.blocks)) + [2 * D], dim=-1))
