@@ -7,7 +7,8 @@ weights in the same run.
 Each measurement runs in its own subprocess so that peak memory (ru_maxrss) belongs to it alone;
 with --rounds N the implementations alternate N times and each one's best run counts. rar prepares
 its weights once per process, in the layout for the batch's row count (`pack_for_cpu(model, rows)`;
-`rar sample` does this on its first batch); that one-off time is printed apart.
+`rar sample` does this on its first batch); that one-off time is printed apart, as is the
+attention it runs (`--no-attention-kernel`: torch's kernel instead of rar's compiled one).
 Weights are random (seeded) and perturbed so that every adaLN layer is active. With
 --official-repo, both samplers decode greedily (top-k 1; upstream's multinomial draw replaced by
 argmax, which costs the same) so that their tokens can be compared for identity. The last output
@@ -96,7 +97,7 @@ def run_one(args) -> dict:
     cfg = ours.config
     labels = torch.arange(args.batch_size, device=args.device) * 7 % cfg.num_classes
     greedy = args.official_repo is not None
-    setup_s = 0.0
+    setup_s, attention = 0.0, "upstream"
     if args.impl == "official":
         model = official_model(args.official_repo, ours, args.device, dtype)
         del ours
@@ -109,8 +110,10 @@ def run_one(args) -> dict:
         from rar.sampler import pack_for_cpu
         t0 = time.perf_counter()
         rows = args.batch_size * (1 if cfg.guidance_scale in (0.0, 1.0) else 2)  # with the unconditional rows
-        model = pack_for_cpu(ours, rows=rows) if args.device == "cpu" else ours  # once per process, like loading
+        model = (pack_for_cpu(ours, rows=rows, attention_kernel=args.attention_kernel) if args.device == "cpu"
+                 else ours)  # once per process, like loading
         setup_s = time.perf_counter() - t0
+        attention = getattr(model, "attention_backend", "torch scaled_dot_product_attention")
 
         def sample():
             return generate(model, labels, top_k=1 if greedy else None, seed=0)
@@ -127,7 +130,8 @@ def run_one(args) -> dict:
     if args.device.startswith("cuda"):
         peak = torch.cuda.max_memory_allocated() / 2**20
     return {"impl": args.impl, "batch_size": args.batch_size, "seconds_per_batch": sec, "setup_s": setup_s,
-            "images_per_s": args.batch_size / sec, "peak_rss_mib": peak, "tokens": tokens.cpu().tolist()}
+            "images_per_s": args.batch_size / sec, "peak_rss_mib": peak, "attention": attention,
+            "tokens": tokens.cpu().tolist()}
 
 
 def flops_per_image(cfg, guided: bool = True) -> float:
@@ -160,6 +164,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=1, help="alternating runs of each implementation; the best counts")
+    ap.add_argument("--attention-kernel", action=argparse.BooleanOptionalAction, default=True,
+                    help="rar's compiled CPU attention kernel (fp32); --no-attention-kernel uses torch's")
     ap.add_argument("--official-repo", default=None, help="checkout of bytedance/1d-tokenizer to compare against")
     ap.add_argument("--impl", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -186,7 +192,8 @@ def main() -> None:
         print(f"{impl:9s} {args.preset} batch {args.batch_size} {args.dtype} {args.device}: "
               f"{r['seconds_per_batch']:.2f} s/batch, {r['images_per_s']:.3f} img/s, "
               f"peak {r['peak_rss_mib']:.0f} MiB, {frac:.1%} of matmul peak"
-              + (f" (+{r['setup_s']:.2f} s once per process to prepare the weights)" if r.get("setup_s") else ""))
+              + (f" (+{r['setup_s']:.2f} s once per process to prepare the weights)" if r.get("setup_s") else "")
+              + f"; attention: {r['attention']}")
     summary = {k: v for k, v in results["ours"].items() if k != "tokens"}
     summary.update(flops_per_image=flops, matmul_peak_gflops=peak / 1e9, preset=args.preset, dtype=args.dtype)
     if "official" in results:

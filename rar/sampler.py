@@ -11,7 +11,9 @@ Why this is faster than upstream at identical outputs (tokens equal; logits with
   `mm(W, x.t())` over column blocks at 1-2 rows (batch 1 with guidance), oneDNN's pre-packed
   layout above (`pack_for_cpu`, once per process);
 - the KV cache is preallocated (no `torch.cat` growth), and each step embeds only the new token
-  instead of re-embedding the prefix and repeating full position tables.
+  instead of re-embedding the prefix and repeating full position tables;
+- in fp32 on CPU, attention over the cache runs in a small compiled kernel that streams it at the
+  machine's bandwidth (`rar.attention_kernel`, built once per process; torch's kernel otherwise).
 
 Randomness: sample i uses its own generator seeded from (seed, indices[i]), with all its uniforms
 drawn up front, so a sample does not depend on the batch it is in or the process that draws it.
@@ -22,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .attention_kernel import MAX_LENGTH, load as load_attention_kernel, unavailable_reason
 from .model import KVCache, RAR
 
 # Precomputed adaLN outputs held at once. 32 MiB is glibc's largest mmap threshold: a window that
@@ -101,10 +104,12 @@ def is_packed(model: torch.nn.Module) -> bool:
     return hasattr(model, "folded_adaln")
 
 
-def pack_for_cpu(model: RAR, rows: int | None = None) -> RAR:
+def pack_for_cpu(model: RAR, rows: int | None = None, attention_kernel: bool = True) -> RAR:
     """The model for CPU decoding: linear layers that pick their kernel and weight layout by the
-    number of rows (`_PackedLinear`; same outputs up to fp32 rounding, ~1e-6 relative) and the
-    folded adaLN of `fold_adaln`; the model itself is left untouched. Each weight layout is built
+    number of rows (`_PackedLinear`; same outputs up to fp32 rounding, ~1e-6 relative), the
+    folded adaLN of `fold_adaln` and, in fp32 with `attention_kernel`, the compiled attention
+    kernel of `rar.attention_kernel` (None where it cannot be built; `attention_backend` says
+    which attention runs); the model itself is left untouched. Each weight layout is built
     on its first use, or now for decode steps of `rows` rows (a batch of B with guidance has 2B);
     with them, preparing RAR-B takes 0.4-0.7 s on a 2-core CPU (BENCHMARKS.md). Do it once and
     pass the result to every `generate` call.
@@ -117,6 +122,11 @@ def pack_for_cpu(model: RAR, rows: int | None = None) -> RAR:
         return model
     clone = _packed_clone(model, skip=("adaLN_modulation",))  # decoding uses the folded copy instead
     clone.folded_adaln = _PackedLinear(fold_adaln(model), gemv=False)  # derived once here, not per call
+    clone.attention_kernel, clone.attention_backend = None, "torch scaled_dot_product_attention"
+    if attention_kernel and p.dtype == torch.float32:
+        clone.attention_kernel = load_attention_kernel(model.config.head_dim)
+        why_not = unavailable_reason(model.config.head_dim)
+        clone.attention_backend = f"torch scaled_dot_product_attention ({why_not})" if why_not else "rar.attention_kernel"
     if rows is not None:
         for lin in clone.modules():
             if isinstance(lin, _PackedLinear):
@@ -168,23 +178,26 @@ def fold_adaln(model: RAR) -> torch.nn.Linear:
 
 
 def _single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(Dh)) v for q (R, H, 1, Dh) and k, v (R, H, L, Dh). fp32 uses torch's
-    fused kernel. In bf16 that kernel is 2-3x slower on CPU than two matmuls around an fp32
-    softmax (BENCHMARKS.md), so those are used there; their scores are rounded to bf16 before the
+    """softmax(q k^T / sqrt(Dh)) v for q (R, H, Dh) and k, v (R, H, L, Dh): (R, H * Dh), with torch's
+    kernels (the compiled `rar.attention_kernel` has the same signature). fp32 uses torch's fused
+    kernel. In bf16 that kernel is 2-3x slower on CPU than two matmuls around an fp32 softmax
+    (BENCHMARKS.md), so those are used there; their scores are rounded to bf16 before the
     softmax, which gives about twice the fused kernel's error against fp32 (2.2x in the test)."""
+    R, H, Dh = q.shape
+    q = q[:, :, None]  # (R, H, 1, Dh)
     if q.dtype == torch.float32 or q.device.type != "cpu":
-        return F.scaled_dot_product_attention(q, k, v)
-    scores = torch.matmul(k, q.transpose(-1, -2)).float() * q.shape[-1] ** -0.5  # (R, H, L, 1): k-major reads
-    return torch.matmul(scores.transpose(-1, -2).softmax(-1).to(v.dtype), v)  # (R, H, 1, Dh)
+        return F.scaled_dot_product_attention(q, k, v).view(R, H * Dh)
+    scores = torch.matmul(k, q.transpose(-1, -2)).float() * Dh ** -0.5  # (R, H, L, 1): k-major reads
+    return torch.matmul(scores.transpose(-1, -2).softmax(-1).to(v.dtype), v).view(R, H * Dh)
 
 
 def _decode_block(blk, x: torch.Tensor, mod: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], pos: int,
-                  qk_weight: torch.Tensor, qk_bias: torch.Tensor):
+                  qk_weight: torch.Tensor, qk_bias: torch.Tensor, attention=_single_query_attention):
     """`Block.forward` for one new position per row, written for speed (fewer, fused ops; the cache
     is written in place; 2-D rows so that no linear output needs a reshape): x (R, D), mod (R, 6D)
     from `fold_adaln`, the new keys and values go to slot `pos` and attention reads slots 0..pos;
-    qk_weight/qk_bias (2, 1, Dh) are the q-norm and k-norm affines stacked. Equal to the block up
-    to fp32 rounding."""
+    qk_weight/qk_bias (2, 1, Dh) are the q-norm and k-norm affines stacked; `attention` is
+    `_single_query_attention` or the compiled kernel. Equal to the block up to fp32 rounding."""
     R, D = x.shape
     attn, mlp = blk.attn, blk.mlp
     H, Dh = attn.num_heads, attn.head_dim
@@ -195,8 +208,8 @@ def _decode_block(blk, x: torch.Tensor, mod: torch.Tensor, kv: tuple[torch.Tenso
     k_buf, v_buf = kv  # (R, H, S, Dh)
     k_buf[:, :, pos] = k
     v_buf[:, :, pos] = qkv[:, 2 * D:].view(R, H, Dh)
-    out = _single_query_attention(q[:, :, None], k_buf[:, :, :pos + 1], v_buf[:, :, :pos + 1])  # (R, H, 1, Dh)
-    x = torch.addcmul(x, gate1, attn.proj(out.view(R, D)))
+    out = attention(q, k_buf[:, :, :pos + 1], v_buf[:, :, :pos + 1])  # (R, D)
+    x = torch.addcmul(x, gate1, attn.proj(out))
     h = torch.addcmul(c2, F.layer_norm(x, (D,), eps=1e-6), a2)
     return torch.addcmul(x, gate2, mlp.fc2(mlp.act(mlp.fc1(h))))  # (R, D)
 
@@ -218,6 +231,9 @@ class CachedDecoder:
         self.labels, self.inverse = torch.unique(rows, return_inverse=True)  # (U,), (R,)
         self.cond = F.silu(model.condition(self.labels))  # (U, T+1, D): the adaLN input
         self.adaln = model.folded_adaln if is_packed(model) else fold_adaln(model)
+        kernel = getattr(model, "attention_kernel", None)
+        fits = self.cache.keys.shape[3] <= MAX_LENGTH
+        self.attention = kernel if kernel is not None and fits else _single_query_attention
         self.qk_norms = [tuple(torch.stack([getattr(b.attn.q_norm, n), getattr(b.attn.k_norm, n)])[:, None]
                                for n in ("weight", "bias")) for b in model.blocks]  # [((2, 1, Dh), (2, 1, Dh))]
         per_slot = self.labels.numel() * cfg.hidden_size * (6 * cfg.num_layers + 2) * self.cond.element_size()
@@ -254,7 +270,7 @@ class CachedDecoder:
         m, mods = self.model, self._step_mods(pos)
         x = x[:, 0]  # (R, D)
         for i, blk in enumerate(m.blocks):
-            x = _decode_block(blk, x, mods[i], self.cache.layer(i), pos, *self.qk_norms[i])
+            x = _decode_block(blk, x, mods[i], self.cache.layer(i), pos, *self.qk_norms[i], self.attention)
         a, c = mods[-1].chunk(2, dim=-1)
         h = torch.addcmul(c, F.layer_norm(x, (x.shape[-1],), eps=1e-6), a)  # the head's adaLN
         return m.lm_head(h).float()  # (R, V)

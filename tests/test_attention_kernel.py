@@ -1,0 +1,89 @@
+"""The compiled single-query attention kernel against torch's, and the sampler with and without it."""
+import copy
+import shutil
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rar import attention_kernel
+from rar.sampler import cached_logits, generate, pack_for_cpu
+
+CAN_BUILD = (sys.platform.startswith("linux") and bool(shutil.which("cc") or shutil.which("gcc"))
+             and "parallel backend: OpenMP" in torch.__config__.parallel_info())
+needs_kernel = pytest.mark.skipif(not CAN_BUILD, reason="needs Linux, a C compiler and an OpenMP build of torch")
+
+
+def cache_slices(g, rows, heads, length, head_dim, scale=1.0):
+    """q as the decode step has it (a strided view of the q/k pair), k and v as slices of a cache;
+    q and k layer-normed with weight `scale`, as RAR's q/k-norm leaves them."""
+    q = F.layer_norm(torch.randn(rows, 2, heads, head_dim, generator=g), (head_dim,))[:, 0] * scale  # (R, H, Dh)
+    k, v = (torch.randn(rows, heads, 257, head_dim, generator=g)[:, :, :length] for _ in range(2))
+    return q, F.layer_norm(k, (head_dim,)) * scale, v
+
+
+@needs_kernel
+@pytest.mark.parametrize("head_dim", [32, 48])
+@pytest.mark.parametrize("length,scale", [(1, 1.0), (2, 1.0), (37, 1.0), (257, 1.0), (37, 3.0), (257, 5.0)])
+def test_kernel_is_as_accurate_as_torch_attention(head_dim, length, scale):
+    """Against a float64 reference, within 2x the error of torch's fused fp32 kernel. (Scale 5 gives
+    scores up to ~100; much larger scores make both kernels' errors grow with the scores' rounding.)"""
+    kernel = attention_kernel.load(head_dim)
+    assert kernel is not None, attention_kernel.unavailable_reason(head_dim)
+    q, k, v = cache_slices(torch.Generator().manual_seed(length), 6, 4, length, head_dim, scale)
+    exact = F.scaled_dot_product_attention(q[:, :, None].double(), k.double(), v.double()).view(6, -1)
+    torch_err = (F.scaled_dot_product_attention(q[:, :, None], k, v).view(6, -1) - exact).abs().max()
+    out = kernel(q, k, v)
+    assert out.shape == (6, 4 * head_dim) and out.dtype == torch.float32
+    assert (out - exact).abs().max() <= 2 * torch_err + 1e-7
+
+
+@needs_kernel
+def test_kernel_does_not_depend_on_the_thread_count_and_rejects_other_inputs():
+    kernel = attention_kernel.load(48)
+    q, k, v = cache_slices(torch.Generator().manual_seed(0), 7, 5, 99, 48)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = kernel(q, k, v)
+        torch.set_num_threads(2)
+        assert torch.equal(kernel(q, k, v), one)  # each (row, head) is computed whole by one thread
+    finally:
+        torch.set_num_threads(threads)
+    with pytest.raises(ValueError, match="expects fp32 CPU q"):
+        kernel(q.double(), k.double(), v.double())
+    with pytest.raises(ValueError, match="expects fp32 CPU q"):
+        kernel(q, k.transpose(2, 3), v.transpose(2, 3))  # positions not contiguous
+
+
+@needs_kernel
+def test_sampler_runs_the_kernel_with_the_same_results(tiny_official, rar_reference, monkeypatch):
+    with_kernel = pack_for_cpu(tiny_official)
+    without = pack_for_cpu(tiny_official, attention_kernel=False)
+    assert with_kernel.attention_backend == "rar.attention_kernel" and without.attention_kernel is None
+    bf16 = copy.deepcopy(tiny_official).to(torch.bfloat16)  # (Module.to converts in place)
+    assert pack_for_cpu(bf16).attention_kernel is None  # fp32 only
+    calls = []
+    fn = with_kernel.attention_kernel._fn  # the process's kernel: patched for this test only
+    monkeypatch.setattr(with_kernel.attention_kernel, "_fn", lambda *a: calls.append(a[9]) or fn(*a))  # lengths
+    labels = rar_reference["greedy_labels"]
+    tokens = generate(with_kernel, labels, guidance_scale=16.0, guidance_scale_pow=2.75, top_k=1)
+    assert torch.equal(tokens, rar_reference["greedy_tokens"]["g16.0_pow2.75"])
+    cfg = tiny_official.config
+    assert calls == [n for n in range(1, cfg.num_tokens + 2) for _ in range(cfg.num_layers)]
+    seq = torch.randint(0, cfg.codebook_size, (4, cfg.num_tokens), generator=torch.Generator().manual_seed(2))
+    rows = torch.tensor([1, 2, cfg.num_classes, cfg.num_classes])
+    torch.testing.assert_close(cached_logits(with_kernel, seq, rows), cached_logits(without, seq, rows),
+                               rtol=0, atol=1e-5)
+
+
+@needs_kernel
+def test_without_a_compiler_the_sampler_says_so_and_uses_torch(tiny_official, rar_reference, monkeypatch):
+    monkeypatch.setattr(attention_kernel, "_built", {})  # forget the kernels built so far
+    monkeypatch.setattr(attention_kernel.shutil, "which", lambda name: None)
+    packed = pack_for_cpu(tiny_official)
+    assert packed.attention_kernel is None
+    assert packed.attention_backend == "torch scaled_dot_product_attention (no C compiler (cc or gcc) on PATH)"
+    tokens = generate(packed, rar_reference["greedy_labels"], guidance_scale=4.0, guidance_scale_pow=0.0, top_k=1)
+    assert torch.equal(tokens, rar_reference["greedy_tokens"]["g4.0_pow0.0"])
