@@ -2,9 +2,9 @@
 
 torch's fused CPU kernel for `scaled_dot_product_attention` reads a decode step's KV cache at
 ~12-15 GB/s on the project's 2-core machine; this one streams it at the machine's bandwidth, which
-takes RAR-B's attention at batch 8 from ~22 to ~15 ms a step at 128 cached positions
+takes RAR-B's attention at batch 8 (24 blocks, 128 cached positions) from 22.6 to 13.7 ms
 (BENCHMARKS.md). It is built on first use, once per process and head size, with the system C
-compiler (~0.3 s) and OpenMP, sharing torch's OpenMP runtime. Where that is impossible (no
+compiler (~0.1 s) and OpenMP, on torch's own OpenMP runtime. Where that is impossible (no
 compiler, not Linux, torch not built with OpenMP) `load` returns None, says why in
 `unavailable_reason`, and the sampler uses torch's kernel: same results up to fp32 rounding.
 """
@@ -35,24 +35,36 @@ class SingleQueryAttention:
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         R, H, L, Dh = k.shape
-        ok = (q.dtype == k.dtype == v.dtype == torch.float32 and q.device.type == "cpu" and Dh == self.head_dim
+        ok = (q.dtype == k.dtype == v.dtype == torch.float32 and Dh == self.head_dim
+              and q.device.type == k.device.type == v.device.type == "cpu"
               and q.shape == (R, H, Dh) and v.shape == k.shape and q.stride(-1) == 1
               and k.stride()[2:] == v.stride()[2:] == (Dh, 1) and 0 < L <= MAX_LENGTH)
         if not ok:
             raise ValueError(f"single_query_attention expects fp32 CPU q (R, H, {self.head_dim}) and cache slices "
                              f"(R, H, L<={MAX_LENGTH}, {self.head_dim}), got {tuple(q.shape)} and {tuple(k.shape)}.")
-        out = torch.empty(R, H * Dh)
+        out = torch.empty(R, H * Dh, dtype=torch.float32, device="cpu")  # not the default dtype/device
         strides = (ctypes.c_int64 * 6)(*q.stride()[:2], *k.stride()[:2], *v.stride()[:2])
         self._fn(q.data_ptr(), strides, k.data_ptr(), ctypes.byref(strides, 16), v.data_ptr(),
                  ctypes.byref(strides, 32), out.data_ptr(), R, H, L, Dh ** -0.5, torch.get_num_threads())
         return out
 
 
-def _openmp_libraries() -> set[str]:
-    """Files of OpenMP runtimes mapped into this process (Linux)."""
-    names = ("libgomp", "libomp", "libiomp")
+def _library_defining(lib: ctypes.CDLL, symbol: str) -> str | None:
+    """The file mapped at the address `symbol` resolves to when looked up through `lib` (Linux)."""
+    address = ctypes.cast(getattr(lib, symbol), ctypes.c_void_p).value
     with open("/proc/self/maps") as maps:
-        return {line.split()[-1] for line in maps if any(n in line for n in names)}
+        for line in maps:
+            fields = line.split()
+            lo, hi = (int(a, 16) for a in fields[0].split("-"))
+            if lo <= address < hi and len(fields) > 5:
+                return fields[5]
+    return None
+
+
+def _torch_openmp() -> str | None:
+    """The OpenMP runtime torch's CPU library runs on."""
+    torch_cpu = Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"
+    return _library_defining(ctypes.CDLL(str(torch_cpu)), "omp_get_max_threads") if torch_cpu.exists() else None
 
 
 def build(head_dim: int) -> SingleQueryAttention:
@@ -64,7 +76,6 @@ def build(head_dim: int) -> SingleQueryAttention:
     cc = shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         raise RuntimeError("no C compiler (cc or gcc) on PATH")
-    before = _openmp_libraries()
     src = resources.files("rar").joinpath("csrc/single_query_attention.c")
     with tempfile.TemporaryDirectory() as tmp, resources.as_file(src) as path:
         lib = Path(tmp) / f"sqa{head_dim}.so"
@@ -72,10 +83,11 @@ def build(head_dim: int) -> SingleQueryAttention:
                str(path), "-o", str(lib)]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed: {done.stderr.strip().splitlines()[-1:]}")
+            raise RuntimeError(f"{' '.join(cmd)} failed: " + " | ".join(done.stderr.strip().splitlines()[-3:]))
         dll = ctypes.CDLL(str(lib))  # mapped now: the file itself may go with the directory
-    if _openmp_libraries() != before:  # a second runtime would fight torch's threads for the cores
-        raise RuntimeError(f"the kernel loaded a second OpenMP runtime ({sorted(_openmp_libraries() - before)})")
+    ours, torchs = _library_defining(dll, "omp_get_max_threads"), _torch_openmp()
+    if ours is None or ours != torchs:  # a second runtime's threads would fight torch's for the cores
+        raise RuntimeError(f"the kernel's OpenMP runtime ({ours}) is not torch's ({torchs})")
     fn = dll.single_query_attention
     fn.restype = None
     fn.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 3 + [ctypes.c_float, ctypes.c_int]

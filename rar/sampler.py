@@ -122,7 +122,9 @@ def pack_for_cpu(model: RAR, rows: int | None = None, attention_kernel: bool = T
         return model
     clone = _packed_clone(model, skip=("adaLN_modulation",))  # decoding uses the folded copy instead
     clone.folded_adaln = _PackedLinear(fold_adaln(model), gemv=False)  # derived once here, not per call
-    clone.attention_kernel, clone.attention_backend = None, "torch scaled_dot_product_attention"
+    clone.attention_kernel = None
+    clone.attention_backend = ("torch scaled_dot_product_attention" if p.dtype == torch.float32
+                               else "torch matmuls around an fp32 softmax (bf16)")
     if attention_kernel and p.dtype == torch.float32:
         clone.attention_kernel = load_attention_kernel(model.config.head_dim)
         why_not = unavailable_reason(model.config.head_dim)

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from rar import attention_kernel
 from rar.sampler import cached_logits, generate, pack_for_cpu
 
-CAN_BUILD = (sys.platform.startswith("linux") and bool(shutil.which("cc") or shutil.which("gcc"))
-             and "parallel backend: OpenMP" in torch.__config__.parallel_info())
+LINUX_OPENMP = sys.platform.startswith("linux") and "parallel backend: OpenMP" in torch.__config__.parallel_info()
+CAN_BUILD = LINUX_OPENMP and bool(shutil.which("cc") or shutil.which("gcc"))
 needs_kernel = pytest.mark.skipif(not CAN_BUILD, reason="needs Linux, a C compiler and an OpenMP build of torch")
 
 
@@ -24,7 +24,7 @@ def cache_slices(g, rows, heads, length, head_dim, scale=1.0):
 
 
 @needs_kernel
-@pytest.mark.parametrize("head_dim", [32, 48])
+@pytest.mark.parametrize("head_dim", [32, 48, 64, 88])  # tiny, RAR-B, RAR-L, RAR-XXL
 @pytest.mark.parametrize("length,scale", [(1, 1.0), (2, 1.0), (37, 1.0), (257, 1.0), (37, 3.0), (257, 5.0)])
 def test_kernel_is_as_accurate_as_torch_attention(head_dim, length, scale):
     """Against a float64 reference, within 2x the error of torch's fused fp32 kernel. (Scale 5 gives
@@ -42,6 +42,7 @@ def test_kernel_is_as_accurate_as_torch_attention(head_dim, length, scale):
 @needs_kernel
 def test_kernel_does_not_depend_on_the_thread_count_and_rejects_other_inputs():
     kernel = attention_kernel.load(48)
+    assert kernel is not None, attention_kernel.unavailable_reason(48)
     q, k, v = cache_slices(torch.Generator().manual_seed(0), 7, 5, 99, 48)
     threads = torch.get_num_threads()
     try:
@@ -55,6 +56,21 @@ def test_kernel_does_not_depend_on_the_thread_count_and_rejects_other_inputs():
         kernel(q.double(), k.double(), v.double())
     with pytest.raises(ValueError, match="expects fp32 CPU q"):
         kernel(q, k.transpose(2, 3), v.transpose(2, 3))  # positions not contiguous
+    with pytest.raises(ValueError, match="expects fp32 CPU q"):
+        kernel(q, k.to("meta"), v)  # a pointer the C code cannot read
+    default = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(torch.float64)  # the output is fp32 whatever the default
+        assert torch.equal(kernel(q, k, v), one)
+    finally:
+        torch.set_default_dtype(default)
+
+
+@needs_kernel
+def test_a_kernel_on_another_openmp_runtime_is_refused(monkeypatch):
+    monkeypatch.setattr(attention_kernel, "_torch_openmp", lambda: "/elsewhere/libgomp.so.1")
+    with pytest.raises(RuntimeError, match=r"OpenMP runtime \(.*libgomp.*\) is not torch's \(/elsewhere/libgomp.so.1\)"):
+        attention_kernel.build(48)
 
 
 @needs_kernel
@@ -78,7 +94,7 @@ def test_sampler_runs_the_kernel_with_the_same_results(tiny_official, rar_refere
                                rtol=0, atol=1e-5)
 
 
-@needs_kernel
+@pytest.mark.skipif(not LINUX_OPENMP, reason="elsewhere the kernel is refused before looking for a compiler")
 def test_without_a_compiler_the_sampler_says_so_and_uses_torch(tiny_official, rar_reference, monkeypatch):
     monkeypatch.setattr(attention_kernel, "_built", {})  # forget the kernels built so far
     monkeypatch.setattr(attention_kernel.shutil, "which", lambda name: None)
@@ -87,3 +103,13 @@ def test_without_a_compiler_the_sampler_says_so_and_uses_torch(tiny_official, ra
     assert packed.attention_backend == "torch scaled_dot_product_attention (no C compiler (cc or gcc) on PATH)"
     tokens = generate(packed, rar_reference["greedy_labels"], guidance_scale=4.0, guidance_scale_pow=0.0, top_k=1)
     assert torch.equal(tokens, rar_reference["greedy_tokens"]["g4.0_pow0.0"])
+
+
+def test_caches_longer_than_the_kernel_takes_use_torch_attention(tiny_official, monkeypatch):
+    import rar.sampler as sampler
+    packed = pack_for_cpu(tiny_official)
+    labels, order = torch.tensor([1, 2]), torch.arange(tiny_official.config.num_tokens)
+    assert sampler.CachedDecoder(packed, labels, order).attention is (packed.attention_kernel
+                                                                       or sampler._single_query_attention)
+    monkeypatch.setattr(sampler, "MAX_LENGTH", tiny_official.config.num_tokens)  # one slot short
+    assert sampler.CachedDecoder(packed, labels, order).attention is sampler._single_query_attention

@@ -30,7 +30,7 @@
  * as e^-87 ~ 1.6e-38: a weight under 1e-37 of the largest changes no fp32 sum. */
 static inline float exp_nonpositive(float x) {
   x = x < -87.f ? -87.f : x;
-  float n = __builtin_roundf(x * 1.44269504088896341f);
+  float n = __builtin_rintf(x * 1.44269504088896341f); /* rint, not round: vectorises */
   float r = x - n * 0.693145751953125f - n * 1.428606765330187045e-06f; /* ln2 in two parts */
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
