@@ -6,9 +6,11 @@ weights in the same run.
 
 Each measurement runs in its own subprocess so that peak memory (ru_maxrss) belongs to it alone;
 with --rounds N the implementations alternate N times and each one's best run counts. rar prepares
-its weights once per process, in the layout for the batch's row count (`pack_for_cpu(model, rows)`;
-`rar sample` does this on its first batch); that one-off time is printed apart, as is the
-attention it runs (`--no-attention-kernel`: torch's kernel instead of rar's compiled one).
+its weights once per process, in the layout for the batch's row count
+(`rar.sampling.prepare(model, rows=)`, as `rar sample` does once); that one-off time is printed
+apart, as is what the backend runs (`--no-attention-kernel`: torch's attention instead of rar's
+compiled kernel). Beside every ratio it prints the host: torch's CPU capability, the DRAM read
+bandwidth and the matmul peak measured in the same run (hosts of one kind differ by 1.5-2x).
 Weights are random (seeded) and perturbed so that every adaLN layer is active. With
 --official-repo, both samplers decode greedily (top-k 1; upstream's multinomial draw replaced by
 argmax, which costs the same) so that their tokens can be compared for identity. The last output
@@ -73,12 +75,12 @@ class _Cfg(dict):
 
 
 def official_model(repo: str, ours, device, dtype):
-    from rar.checkpoint import to_official_state_dict
+    from rar.model.weights import to_official_state_dict
 
     c = ours.config
     gen = _Cfg(hidden_size=c.hidden_size, num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
                intermediate_size=c.mlp_size, image_seq_len=c.num_tokens, condition_num_classes=c.num_classes,
-               dropout=c.dropout, attn_drop=c.attn_dropout)
+               dropout=ours.regularization.dropout, attn_drop=ours.regularization.attn_dropout)
     config = _Cfg(model=_Cfg(generator=gen, vq_model=_Cfg(codebook_size=c.codebook_size)))
     with torch.device("meta"):
         model = load_official_class(repo)(config)
@@ -89,12 +91,12 @@ def official_model(repo: str, ours, device, dtype):
 
 
 def run_one(args) -> dict:
-    from rar.sampler import generate
+    from rar.sampling import generate, prepare
 
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     ours = build_model(args.preset, args.device, dtype)
-    cfg = ours.config
+    cfg, sampling = ours.config, ours.sampling
     labels = torch.arange(args.batch_size, device=args.device) * 7 % cfg.num_classes
     greedy = args.official_repo is not None
     setup_s, attention = 0.0, "upstream"
@@ -105,15 +107,14 @@ def run_one(args) -> dict:
 
         def sample():
             with torch.no_grad():
-                return model.generate(labels, cfg.guidance_scale, cfg.temperature, cfg.guidance_scale_pow)
+                return model.generate(labels, sampling.guidance_scale, sampling.temperature,
+                                      sampling.guidance_scale_pow)
     else:
-        from rar.sampler import pack_for_cpu
         t0 = time.perf_counter()
-        rows = args.batch_size * (1 if cfg.guidance_scale in (0.0, 1.0) else 2)  # with the unconditional rows
-        model = (pack_for_cpu(ours, rows=rows, attention_kernel=args.attention_kernel) if args.device == "cpu"
-                 else ours)  # once per process, like loading
+        rows = args.batch_size * (1 if sampling.guidance_scale in (0.0, 1.0) else 2)  # with the unconditional rows
+        model = prepare(ours, rows=rows, attention_kernel=args.attention_kernel)  # once per process, like loading
         setup_s = time.perf_counter() - t0
-        attention = getattr(model, "attention_backend", "torch scaled_dot_product_attention")
+        attention = model.description
 
         def sample():
             return generate(model, labels, top_k=1 if greedy else None, seed=0)
@@ -159,6 +160,32 @@ def matmul_peak(threads: int, dtype: torch.dtype = torch.float32, n: int = 2048,
     return 5 * 2 * n**3 / best
 
 
+def dram_read_bandwidth(threads: int, mib: int = 512, trials: int = 5) -> float:
+    """Bytes/s of a sum over a buffer 16x larger than any cache here (the best of `trials`): the
+    yardstick for batch-1 decoding, which streams every weight once per step."""
+    torch.set_num_threads(threads)
+    x = torch.ones(mib * 2**20 // 4)
+    x.sum()
+    best = float("inf")
+    for _ in range(trials):
+        t0 = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t0)
+    return x.numel() * 4 / best
+
+
+def host_line(threads: int, dtype: torch.dtype) -> tuple[str, dict]:
+    """This host's CPU capability, DRAM read bandwidth and matmul peak, printed beside every ratio."""
+    from rar.sampling.cpu import CPUCapability
+
+    cap = CPUCapability.detect()
+    peak, bw = matmul_peak(threads, dtype), dram_read_bandwidth(threads)
+    info = {"cpu_capability": cap.isa, "cpu": cap.describe(), "dram_read_gb_s": bw / 1e9,
+            "matmul_peak_gflops": peak / 1e9, "threads": threads}
+    return (f"host: {cap.describe()}; DRAM read {bw / 1e9:.1f} GB/s; {str(dtype).removeprefix('torch.')} "
+            f"matmul peak {peak / 1e9:.0f} GFLOP/s ({threads} threads)"), info
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="rar_b")
@@ -177,9 +204,10 @@ def main() -> None:
     if args.impl:  # child process
         print(json.dumps(run_one(args)))
         return
-    from rar import RARConfig
+    from rar.model.config import get_preset
 
-    cfg = RARConfig.preset(args.preset)
+    cfg = get_preset(args.preset).config
+    guided = get_preset(args.preset).sampling.guidance_scale not in (0, 1)
     results, runs = {}, {"official": [], "ours": []}
     for _ in range(args.rounds):  # alternate the implementations: slow drifts of the machine hit both
         for impl in (["official"] if args.official_repo else []) + ["ours"]:
@@ -190,17 +218,18 @@ def main() -> None:
             runs[impl].append(r["seconds_per_batch"])
             if impl not in results or r["seconds_per_batch"] < results[impl]["seconds_per_batch"]:
                 results[impl] = r
-    peak = matmul_peak(args.threads, getattr(torch, args.dtype)) if args.device == "cpu" else float("nan")
-    flops = flops_per_image(cfg, cfg.guidance_scale not in (0, 1))
+    host, host_info = host_line(args.threads, getattr(torch, args.dtype)) if args.device == "cpu" else ("", {})
+    peak = host_info.get("matmul_peak_gflops", float("nan")) * 1e9
+    flops = flops_per_image(cfg, guided)
     for impl, r in results.items():
         frac = flops * r["images_per_s"] / peak
         print(f"{impl:9s} {args.preset} batch {args.batch_size} {args.dtype} {args.device}: "
               f"{r['seconds_per_batch']:.2f} s/batch, {r['images_per_s']:.3f} img/s, "
               f"peak {r['peak_rss_mib']:.0f} MiB, {frac:.1%} of matmul peak"
               + (f" (+{r['setup_s']:.2f} s once per process to prepare the weights)" if r.get("setup_s") else "")
-              + f"; attention: {r['attention']}")
+              + f"; backend: {r['attention']}")
     summary = {k: v for k, v in results["ours"].items() if k != "tokens"}
-    summary.update(flops_per_image=flops, matmul_peak_gflops=peak / 1e9, preset=args.preset, dtype=args.dtype)
+    summary.update(flops_per_image=flops, preset=args.preset, dtype=args.dtype, **host_info)
     if "official" in results:
         off = results["official"]
         summary["speedup_vs_official"] = off["seconds_per_batch"] / results["ours"]["seconds_per_batch"]
@@ -211,6 +240,8 @@ def main() -> None:
               + ", ".join(f"{x:.2f}x" for x in summary["paired_speedups"])
               + f" (median {statistics.median(summary['paired_speedups']):.2f}x); "
               f"greedy tokens identical: {summary['tokens_identical_to_official']}")
+    if host:
+        print(host)
     print(json.dumps(summary))
 
 

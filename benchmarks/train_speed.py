@@ -29,7 +29,7 @@ from sample_speed import official_model  # noqa: E402  (same official-code loade
 
 
 def batches(cfg, batch_size: int, steps: int):
-    from rar.orders import drop_labels, sample_orders
+    from rar.model.orders import drop_labels, sample_orders
 
     g = torch.Generator().manual_seed(0)
     for _ in range(steps + 1):
@@ -47,8 +47,8 @@ def official_groups(model, weight_decay):
 
 def run_one(args) -> dict:
     from rar import RAR, RARConfig
-    from rar.train import compute_loss, make_optimizer
-    from rar.train_config import OptimSection
+    from rar.training.loop import compute_loss, make_optimizer
+    from rar.training.config import OptimSection
 
     torch.set_num_threads(args.threads)
     cfg = RARConfig.preset(args.preset)
@@ -72,7 +72,7 @@ def run_one(args) -> dict:
         opt = make_optimizer(model, OptimSection(lr=4e-4, beta1=0.9, beta2=0.96, weight_decay=0.03))
 
         def loss_fn(tokens, labels, orders):
-            return compute_loss(model, tokens, labels, orders, checkpoint=args.checkpointing)
+            return compute_loss(model, tokens, labels, orders, recompute=args.checkpointing)
     autocast = torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16) if args.precision == "bf16" else nullcontext()
     data = [tuple(t.to(args.device) for t in b) for b in batches(cfg, args.batch_size, args.steps)]
     model.eval()

@@ -20,15 +20,17 @@ def _add_info(sub) -> None:
 
 
 def _run_info(args) -> None:
-    from .config import PRESETS, RARConfig
-    from .checkpoint import official_parameter_count
+    from .model.config import PRESETS
+    from .model.weights import official_parameter_count
+    from .sampling.cpu import CPUCapability
 
-    for name in PRESETS:
-        cfg = RARConfig.preset(name)
+    for name, preset in PRESETS.items():
+        cfg, s = preset.config, preset.sampling
         print(f"{name:8s} hidden {cfg.hidden_size:5d} layers {cfg.num_layers:3d} heads {cfg.num_heads:3d} "
               f"mlp {cfg.mlp_size:5d} tokens {cfg.num_tokens} codebook {cfg.codebook_size} "
               f"classes {cfg.num_classes}  params(official layout) {official_parameter_count(cfg):,}  "
-              f"sampling g={cfg.guidance_scale} p={cfg.guidance_scale_pow} T={cfg.temperature}")
+              f"sampling g={s.guidance_scale} p={s.guidance_scale_pow} T={s.temperature}")
+    print(f"this CPU: {CPUCapability.detect().describe()}")
 
 
 def _add_train(sub) -> None:
@@ -55,9 +57,9 @@ def _init_distributed(device: str) -> None:
 
 
 def _run_train(args) -> None:
-    from .train import train
-    from .train_config import TrainConfig
-    from .yamlconf import load_config
+    from .runconfig import load_config
+    from .training.config import TrainConfig
+    from .training.loop import train
 
     cfg = load_config(TrainConfig, args.config, args.overrides)
     _init_distributed(cfg.device)
@@ -91,7 +93,7 @@ def _add_sample(sub) -> None:
 
 
 def _run_sample(args) -> None:
-    from .sample_files import sample_to_folder
+    from .sampling.to_folder import sample_to_folder
 
     summary = sample_to_folder(
         args.generator, args.out, classes=args.classes, class_names=args.class_names, num_per_class=args.num_per_class, seed=args.seed,
@@ -122,20 +124,17 @@ def _add_sample_eval(sub) -> None:
 
 
 def _run_sample_eval(args) -> None:
-    import os
-
     import torch
     import torch.distributed as dist
 
-    from .checkpoint import load_generator
-    from .sample_eval import assemble_npz, sample_eval
-    from .vqgan import load_any_tokenizer
+    from .common import resolve_device
+    from .evaluation.sample_npz import assemble_npz, sample_eval
+    from .model.weights import load_generator
+    from .tokenizer.vqgan import load_any_tokenizer
 
     _init_distributed(args.device)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    device = args.device
-    if device == "cuda" and world > 1:
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    device = resolve_device(args.device)  # "cuda": this process's GPU, set by _init_distributed
     model = load_generator(args.generator).to(device=device, dtype=getattr(torch, args.dtype))
     tokenizer = load_any_tokenizer(args.tokenizer).to(device).eval()
     res = sample_eval(model, tokenizer, args.out, num_per_class=args.num_per_class, num_classes=args.num_classes,
@@ -183,19 +182,18 @@ def _add_evaluate(sub) -> None:
 def _run_evaluate(args) -> None:
     import json
 
-    import torch
-
-    from .inception import load_inception
-    from .metrics import evaluate_npz
+    from .common import resolve_device
+    from .evaluation.inception import load_inception
+    from .evaluation.metrics import evaluate_npz
 
     if args.digits:
-        from .demo import evaluate_digits_npz
+        from .evaluation.digits import evaluate_digits_npz
 
         print(json.dumps(evaluate_digits_npz(args.samples)))
         return
     if args.ref is None:
         raise CLIError("--ref is required (a reference batch such as VIRTUAL_imagenet256_labeled.npz).")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
     extractor = load_inception(weights_path=args.inception_weights, download=args.download)
     res = evaluate_npz(args.samples, args.ref, extractor, batch_size=args.batch_size, device=device)
     for key, label in [("fid", "FID"), ("sfid", "sFID"), ("inception_score", "Inception Score"),
@@ -214,7 +212,7 @@ def _add_train_tokenizer(sub) -> None:
 
 
 def _run_train_tokenizer(args) -> None:
-    from .tokenizer_train import format_report, train_tokenizer_from_yaml
+    from .tokenizer.training import format_report, train_tokenizer_from_yaml
 
     print(format_report(train_tokenizer_from_yaml(args.config, args.overrides, quick=args.quick)))
 
@@ -240,7 +238,7 @@ def _add_tokenize(sub) -> None:
 def _run_tokenize(args) -> None:
     import os
 
-    from .shards import rank_and_world_size, tokenize
+    from .data.shards import rank_and_world_size, tokenize
 
     rank, world = rank_and_world_size(os.environ)
     report = tokenize(args.tokenizer, args.out, data=args.data, dataset=args.dataset, resolution=args.resolution,
@@ -264,7 +262,7 @@ def _add_reconstruct(sub) -> None:
 
 
 def _run_reconstruct(args) -> None:
-    from .tokenizer_train import reconstruct
+    from .tokenizer.training import reconstruct
 
     res = reconstruct(args.tokenizer, args.out, data=args.data, dataset=args.dataset, n=args.num,
                       resolution=args.resolution, device=args.device)

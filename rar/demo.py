@@ -33,17 +33,17 @@ def _stage(name: str, fn, timings: dict, *args, **kwargs):
 
 
 def train_tokenizer_stage(out: Path, quick: bool, progress: bool) -> dict:
-    from .tokenizer_train import QUICK_OVERRIDES, TokenizerTrainConfig, train_tokenizer
-    from .yamlconf import load_config
+    from .runconfig import load_config
+    from .tokenizer.training import QUICK_OVERRIDES, TokenizerTrainConfig, train_tokenizer
 
     overrides = [*(QUICK_OVERRIDES if quick else ()), f"out_dir={out / 'tokenizer'}", f"progress={str(progress).lower()}"]
     return train_tokenizer(load_config(TokenizerTrainConfig, CONFIGS / "tokenizer_digits.yaml", overrides))
 
 
 def train_generator_stage(out: Path, quick: bool, progress: bool) -> dict:
-    from .train import train
-    from .train_config import TrainConfig
-    from .yamlconf import load_config
+    from .runconfig import load_config
+    from .training.config import TrainConfig
+    from .training.loop import train
 
     overrides = [f"out_dir={out / 'rar'}", f"data.path={out / 'tokens'}",
                  f"data.tokenizer={out / 'tokenizer' / 'tokenizer'}", f"progress={str(progress).lower()}",
@@ -53,10 +53,10 @@ def train_generator_stage(out: Path, quick: bool, progress: bool) -> dict:
 
 def sample_stage(out: Path, per_class: int, progress: bool) -> np.ndarray:
     """samples.npz (ADM layout) and samples.png (one row per digit)."""
-    from .checkpoint import load_generator
-    from .images import save_grid
-    from .sample_eval import assemble_npz, sample_eval
-    from .vqgan import load_any_tokenizer
+    from .data.images import save_grid
+    from .evaluation.sample_npz import assemble_npz, sample_eval
+    from .model.weights import load_generator
+    from .tokenizer.vqgan import load_any_tokenizer
 
     npz = out / "samples.npz"
     model = load_generator(out / "rar" / "generator")
@@ -72,31 +72,11 @@ def sample_stage(out: Path, per_class: int, progress: bool) -> np.ndarray:
     return images
 
 
-def evaluate_stage(data: dict, samples: np.ndarray, sample_labels: np.ndarray, quick: bool, progress: bool) -> dict:
-    from .digit_classifier import classify, train_classifier
-    from .metrics import feature_statistics, frechet_distance
-
-    clf = train_classifier(data["train_images"], data["train_labels"], epochs=2 if quick else 4, progress=progress)
-    held_pred, held_feat = classify(clf, data["test_images"])
-    sample_pred, sample_feat = classify(clf, samples)
-    _, train_feat = classify(clf, data["train_images"])
-
-    def fd(a, b):
-        return frechet_distance(*feature_statistics(a), *feature_statistics(b))
-
-    return {
-        "classifier_heldout_accuracy": float((held_pred == data["test_labels"]).mean()),
-        "sample_class_accuracy": float((sample_pred == sample_labels).mean()),
-        "fd_mnist_classifier_features": fd(sample_feat, held_feat),
-        "fd_floor_heldout_vs_train": fd(held_feat, train_feat),
-        "num_samples": int(len(samples)), "num_heldout": int(len(held_feat)),
-    }
-
-
 def run_demo(out_dir: str = "demo_out", quick: bool = False, progress: bool = True) -> dict:
     """Run (or finish) the demo in `out_dir`; returns what metrics.json holds."""
-    from .datasets import load_mnist_digits
-    from .shards import tokenize_digits
+    from .data.mnist import load_mnist_digits
+    from .data.shards import tokenize_digits
+    from .evaluation.digits import evaluate_digit_samples
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -110,7 +90,7 @@ def run_demo(out_dir: str = "demo_out", quick: bool = False, progress: bool = Tr
     gen = _stage("3/5 train RAR", train_generator_stage, timings, out, quick, progress)
     per_class = 100
     samples = _stage("4/5 sample", sample_stage, timings, out, per_class, progress)
-    ev = _stage("5/5 evaluate", evaluate_stage, timings, data, samples, np.repeat(np.arange(10), per_class), quick,
+    ev = _stage("5/5 evaluate", evaluate_digit_samples, timings, data, samples, np.repeat(np.arange(10), per_class), quick,
                 progress)
     for name in ("loss.png",):
         shutil.copyfile(out / "rar" / name, out / name)
@@ -134,16 +114,3 @@ def format_metrics(m: dict) -> str:
         f"floor (held-out vs train) {m['fd_floor_heldout_vs_train']:.3f}; ratio {m['fd_ratio_to_floor']:.2f}x",
         f"total {m['total_seconds']:.0f} s; stages {m['stage_seconds']}",
     ])
-
-
-def evaluate_digits_npz(npz_path, quick: bool = False, progress: bool = True) -> dict:
-    """The demo's evaluation of any ADM-layout npz of 32x32 digits with labels (`rar evaluate --digits`)."""
-    from .datasets import load_mnist_digits
-    from .metrics import read_npz_images
-
-    read_npz_images(npz_path)  # layout check with a clear error
-    with np.load(npz_path) as z:
-        if "arr_1" not in z:
-            raise ValueError(f"{npz_path} has no arr_1 labels; the digit evaluation needs the class of every sample.")
-        images, labels = z["arr_0"], z["arr_1"]
-    return evaluate_stage(load_mnist_digits(seed=0, n_train=4500), images, labels, quick, progress)

@@ -20,7 +20,7 @@ def rar_reference():
 @pytest.fixture(scope="session")
 def tiny_official(rar_reference):
     """The official tiny model of the fixture, loaded through the official-checkpoint path."""
-    from rar.checkpoint import load_official_generator
+    from rar.model.weights import load_official_generator
 
     return load_official_generator(rar_reference["state_dict"])
 

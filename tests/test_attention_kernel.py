@@ -7,8 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rar import attention_kernel
-from rar.sampler import cached_logits, generate, pack_for_cpu
+from rar.sampling import attention_kernel
+from rar.sampling import cached_logits, generate, prepare
+from rar.sampling.decoder import single_query_attention
 
 LINUX_OPENMP = sys.platform.startswith("linux") and "parallel backend: OpenMP" in torch.__config__.parallel_info()
 CAN_BUILD = LINUX_OPENMP and bool(shutil.which("cc") or shutil.which("gcc"))
@@ -75,14 +76,17 @@ def test_a_kernel_on_another_openmp_runtime_is_refused(monkeypatch):
 
 @needs_kernel
 def test_sampler_runs_the_kernel_with_the_same_results(tiny_official, rar_reference, monkeypatch):
-    with_kernel = pack_for_cpu(tiny_official)
-    without = pack_for_cpu(tiny_official, attention_kernel=False)
-    assert with_kernel.attention_backend == "rar.attention_kernel" and without.attention_kernel is None
-    bf16 = copy.deepcopy(tiny_official).to(torch.bfloat16)  # (Module.to converts in place)
-    assert pack_for_cpu(bf16).attention_kernel is None  # fp32 only
+    with_kernel = prepare(tiny_official)
+    without = prepare(tiny_official, attention_kernel=False)
+    assert with_kernel.attention_name.startswith("rar.attention_kernel (-march=")
+    assert isinstance(with_kernel.attention, attention_kernel.SingleQueryAttention)
+    assert without.attention is single_query_attention and without.attention_name == "torch attention"
+    bf16 = prepare(copy.deepcopy(tiny_official).to(torch.bfloat16))  # (Module.to converts in place)
+    # fp32 only: a bf16 model uses torch's attention, unless this CPU decodes it in fp32
+    assert (bf16.attention is single_query_attention) == (bf16.dtype == torch.bfloat16)
     calls = []
-    fn = with_kernel.attention_kernel._fn  # the process's kernel: patched for this test only
-    monkeypatch.setattr(with_kernel.attention_kernel, "_fn", lambda *a: calls.append(a[9]) or fn(*a))  # lengths
+    fn = with_kernel.attention._fn  # the process's kernel: patched for this test only
+    monkeypatch.setattr(with_kernel.attention, "_fn", lambda *a: calls.append(a[9]) or fn(*a))  # lengths
     labels = rar_reference["greedy_labels"]
     tokens = generate(with_kernel, labels, guidance_scale=16.0, guidance_scale_pow=2.75, top_k=1)
     assert torch.equal(tokens, rar_reference["greedy_tokens"]["g16.0_pow2.75"])
@@ -98,18 +102,18 @@ def test_sampler_runs_the_kernel_with_the_same_results(tiny_official, rar_refere
 def test_without_a_compiler_the_sampler_says_so_and_uses_torch(tiny_official, rar_reference, monkeypatch):
     monkeypatch.setattr(attention_kernel, "_built", {})  # forget the kernels built so far
     monkeypatch.setattr(attention_kernel.shutil, "which", lambda name: None)
-    packed = pack_for_cpu(tiny_official)
-    assert packed.attention_kernel is None
-    assert packed.attention_backend == "torch scaled_dot_product_attention (no C compiler (cc or gcc) on PATH)"
+    packed = prepare(tiny_official)
+    assert packed.attention is single_query_attention
+    assert packed.attention_name == "torch attention (no C compiler (cc or gcc) on PATH)"
+    assert "attention: torch attention (no C compiler" in packed.description
     tokens = generate(packed, rar_reference["greedy_labels"], guidance_scale=4.0, guidance_scale_pow=0.0, top_k=1)
     assert torch.equal(tokens, rar_reference["greedy_tokens"]["g4.0_pow0.0"])
 
 
 def test_caches_longer_than_the_kernel_takes_use_torch_attention(tiny_official, monkeypatch):
-    import rar.sampler as sampler
-    packed = pack_for_cpu(tiny_official)
+    from rar.sampling.decoder import CachedDecoder
+    packed = prepare(tiny_official)
     labels, order = torch.tensor([1, 2]), torch.arange(tiny_official.config.num_tokens)
-    assert sampler.CachedDecoder(packed, labels, order).attention is (packed.attention_kernel
-                                                                       or sampler._single_query_attention)
-    monkeypatch.setattr(sampler, "MAX_LENGTH", tiny_official.config.num_tokens)  # one slot short
-    assert sampler.CachedDecoder(packed, labels, order).attention is sampler._single_query_attention
+    assert CachedDecoder(packed, labels, order).attention is packed.attention
+    monkeypatch.setattr(attention_kernel, "MAX_LENGTH", tiny_official.config.num_tokens)  # one slot short
+    assert CachedDecoder(packed, labels, order).attention is single_query_attention

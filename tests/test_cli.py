@@ -9,9 +9,9 @@ import torch
 from PIL import Image
 
 from rar import RAR, RARConfig
-from rar.checkpoint import save_generator
+from rar.model.weights import save_generator
 from rar.cli import main
-from rar.vqgan import VQGAN, VQGANConfig, save_tokenizer
+from rar.tokenizer.vqgan import VQGAN, VQGANConfig, save_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 from PIL import Image
 
-from rar.images import center_crop_adm, make_grid, psnr, save_grid, save_images, ten_crop, to_uint8
+from rar.data.images import center_crop_adm, make_grid, psnr, save_grid, save_images, ten_crop, to_uint8
 
 
 def test_center_crop_adm_sizes_and_centering():

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from rar.metrics import (
+from rar.evaluation.metrics import (
     evaluate_npz,
     feature_statistics,
     frechet_distance,

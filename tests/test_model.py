@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from rar import RAR, RARConfig
-from rar.checkpoint import (load_generator, load_official_generator, official_parameter_count, official_shapes,
+from rar import RAR, RARConfig, Regularization
+from rar.model.weights import (load_generator, load_official_generator, official_parameter_count, official_shapes,
                             save_generator)
-from rar.orders import sample_orders
+from rar.model.orders import sample_orders
 
 from conftest import cloned_state, read_key_manifest, reference_labels
 
@@ -107,6 +107,28 @@ def test_own_format_round_trip(tmp_path, rar_reference, tiny_official):
         load_generator(tmp_path / "gen", tiny_official.config.replace(num_layers=3))
 
 
+def test_own_format_keeps_the_three_config_parts_and_reads_version_1_folders(tmp_path, tiny_official):
+    """Folders record architecture, dropouts and sampling defaults apart; folders written before the
+    split (version 1: one flat "config" with all of them) still load, with the same weights."""
+    import json
+
+    from rar import Regularization, SamplingDefaults
+
+    model = RAR(tiny_official.config, Regularization(0.05, 0.0, 0.2), SamplingDefaults(2.5, 0.5, 0.9))
+    model.load_state_dict(tiny_official.state_dict())
+    save_generator(model, tmp_path / "gen", extra={"class_names": ["a"] * 10})
+    again = load_generator(tmp_path / "gen")
+    assert (again.config, again.regularization, again.sampling) == (model.config, model.regularization,
+                                                                     model.sampling)
+    meta = json.loads((tmp_path / "gen" / "config.json").read_text())
+    flat = {**meta.pop("config"), **meta.pop("regularization"), **meta.pop("sampling")}
+    (tmp_path / "gen" / "config.json").write_text(json.dumps({**meta, "version": 1, "config": flat}))
+    old = load_generator(tmp_path / "gen")
+    assert (old.config, old.regularization, old.sampling) == (model.config, model.regularization, model.sampling)
+    assert all(torch.equal(v, old.state_dict()[k]) for k, v in model.state_dict().items())
+    assert tiny_official.sampling == SamplingDefaults()  # no preset has the fixture's sizes: the defaults
+
+
 def test_official_file_round_trip(tmp_path, rar_reference):
     path = tmp_path / "rar_tiny.bin"
     torch.save(rar_reference["state_dict"], path)
@@ -128,7 +150,7 @@ def test_fresh_model_init_matches_official_rules():
 
 
 def test_official_layout_round_trip(rar_reference, tiny_official):
-    from rar.checkpoint import to_official_state_dict
+    from rar.model.weights import to_official_state_dict
 
     sd = to_official_state_dict(tiny_official)
     assert {k: tuple(v.shape) for k, v in sd.items()} == official_shapes(tiny_official.config)
@@ -139,13 +161,13 @@ def test_official_layout_round_trip(rar_reference, tiny_official):
 
 @pytest.mark.parametrize("mode", ["attention", "selective", "full"])
 def test_recomputation_modes_give_the_same_gradients(monkeypatch, mode):
-    """Every `checkpoint` mode recomputes something in backward (memory); with the same seed the
+    """Every `recompute` mode recomputes something in backward (memory); with the same seed the
     dropout masks, the loss and the gradients must equal a forward that keeps everything."""
     import torch.utils.checkpoint as ckpt
 
-    cfg = RARConfig(32, 2, 2, 64, num_tokens=16, codebook_size=16, num_classes=3, dropout=0.1, attn_dropout=0.3)
+    cfg = RARConfig(32, 2, 2, 64, num_tokens=16, codebook_size=16, num_classes=3)
     torch.manual_seed(0)
-    model = RAR(cfg).train()
+    model = RAR(cfg, Regularization(dropout=0.1, attn_dropout=0.3)).train()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
@@ -156,7 +178,7 @@ def test_recomputation_modes_give_the_same_gradients(monkeypatch, mode):
     def loss_and_grads():
         model.zero_grad()
         torch.manual_seed(7)
-        loss = model(tokens, labels, orders, checkpoint=mode).logsumexp(-1).mean()
+        loss = model(tokens, labels, orders, recompute=mode).logsumexp(-1).mean()
         loss.backward()
         return loss.item(), [p.grad.clone() for p in model.parameters()]
 
@@ -175,13 +197,13 @@ def test_selective_recomputation_keeps_less():
     """`selective` keeps only the linear layers' outputs: the bytes still allocated after the forward."""
     from torch.profiler import profile
 
-    cfg = RARConfig(64, 2, 4, 256, num_tokens=16, codebook_size=16, num_classes=3, dropout=0.1, attn_dropout=0.1)
-    model = RAR(cfg).train()
+    cfg = RARConfig(64, 2, 4, 256, num_tokens=16, codebook_size=16, num_classes=3)
+    model = RAR(cfg, Regularization(dropout=0.1, attn_dropout=0.1)).train()
     tokens, labels = torch.randint(0, 16, (4, 16)), torch.tensor([0, 1, 2, 3])
 
     def kept_bytes(mode):
         with profile(profile_memory=True) as prof:
-            logits = model(tokens, labels, checkpoint=mode)  # noqa: F841 (keeps the graph alive)
+            logits = model(tokens, labels, recompute=mode)  # noqa: F841 (keeps the graph alive)
         return sum(e.self_cpu_memory_usage for e in prof.key_averages())
 
     attention, selective, full = (kept_bytes(m) for m in ("attention", "selective", "full"))
@@ -189,7 +211,7 @@ def test_selective_recomputation_keeps_less():
 
 
 def test_keep_mask_rate_and_scale():
-    from rar.model import drop_scale, dropout, keep_mask
+    from rar.model.transformer import drop_scale, dropout, keep_mask
 
     torch.manual_seed(0)
     keep = keep_mask((1000, 1000), 0.1)

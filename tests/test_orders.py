@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from rar.orders import NAMED_ORDERS, drop_labels, is_permutation, named_order, random_ratio, sample_orders
+from rar.model.orders import NAMED_ORDERS, drop_labels, is_permutation, named_order, random_ratio, sample_orders
 
 
 def test_schedule_start_mid_end():

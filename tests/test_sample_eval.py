@@ -8,9 +8,9 @@ import numpy as np
 import torch
 
 from rar import RAR, RARConfig
-from rar.checkpoint import save_generator
-from rar.sample_eval import assemble_npz, sample_eval
-from rar.vqgan import VQGAN, VQGANConfig, load_any_tokenizer, save_tokenizer
+from rar.model.weights import save_generator
+from rar.evaluation.sample_npz import assemble_npz, sample_eval
+from rar.tokenizer.vqgan import VQGAN, VQGANConfig, load_any_tokenizer, save_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 KW = dict(num_classes=3, num_per_class=4, seed=5, batch_size=3, chunk_size=2, progress=False)
@@ -41,9 +41,9 @@ def test_sharded_killed_and_resumed_equals_one_process(tmp_path):
     two = tmp_path / "two.npz"
     rank1 = f"""
         import os, signal, torch
-        from rar.checkpoint import load_generator
-        from rar.sample_eval import sample_eval
-        from rar.vqgan import load_any_tokenizer
+        from rar.model.weights import load_generator
+        from rar.evaluation.sample_npz import sample_eval
+        from rar.tokenizer.vqgan import load_any_tokenizer
         def die(chunk):
             if DO_DIE:
                 os.kill(os.getpid(), signal.SIGKILL)

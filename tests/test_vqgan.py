@@ -4,7 +4,7 @@ import time
 import pytest
 import torch
 
-from rar.vqgan import (VQGAN, VQGANConfig, infer_config, load_any_tokenizer, load_official_tokenizer,
+from rar.tokenizer.vqgan import (VQGAN, VQGANConfig, infer_config, load_any_tokenizer, load_official_tokenizer,
                        load_tokenizer, save_tokenizer)
 
 from conftest import cloned_state, read_key_manifest
@@ -34,7 +34,7 @@ def test_fixture_equality(vqgan_reference, tiny):
 
 
 def test_quantizer_distance_and_ties():
-    q = VQGAN(VQGANConfig.preset("tiny_f4_32")).quantize
+    q = VQGAN(VQGANConfig.preset("digits_f4_32")).quantize
     with torch.no_grad():
         q.embedding.weight.zero_()
         q.embedding.weight[5] = 1.0
@@ -104,9 +104,9 @@ def test_misshaped_key_names_both_shapes(vqgan_reference):
 
 
 def test_explicit_config_checked(vqgan_reference):
-    ok = load_official_tokenizer(vqgan_reference["state_dict"], VQGANConfig.preset("tiny_f4_32"))
+    ok = load_official_tokenizer(vqgan_reference["state_dict"], VQGANConfig.preset("digits_f4_32"))
     assert ok.config.resolution == 32
-    wrong = VQGANConfig.preset("tiny_f4_32", codebook_size=128)
+    wrong = VQGANConfig.preset("digits_f4_32", codebook_size=128)
     with pytest.raises(ValueError, match=r"quantize\.embedding\.weight.*\[64, 16\].*\[128, 16\]"):
         load_official_tokenizer(vqgan_reference["state_dict"], wrong)
 

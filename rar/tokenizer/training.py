@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,9 +25,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .images import make_grid, psnr, to_uint8
+from ..common import warmup_cosine
+from ..data.images import make_grid, psnr, to_uint8
+from ..runconfig import config_from_dict, load_config, save_config, to_dict
 from .vqgan import VQGAN, VQGANConfig, save_tokenizer
-from .yamlconf import load_config, save_config, to_dict
 
 
 @dataclass
@@ -90,12 +90,12 @@ def load_training_images(cfg: TokenizerTrainConfig) -> tuple[torch.Tensor, torch
     """(train, held-out) float images (N, 3, H, W) in [0, 1] for the configured dataset."""
     d = cfg.data
     if d.dataset == "digits":
-        from .datasets import load_mnist_digits
+        from ..data.mnist import load_mnist_digits
 
         data = load_mnist_digits(seed=d.seed, n_train=d.n_train)
         return _as_float_images(data["train_images"]), _as_float_images(data["test_images"])
     if d.dataset == "folder":
-        from .images import load_folder_images
+        from ..data.images import load_folder_images
 
         if not d.path:
             raise ValueError("data.path must name an image folder when data.dataset is 'folder'.")
@@ -154,13 +154,6 @@ def write_recon_grid(originals, recons, path: Union[str, Path], n: int = 32, nro
     return path
 
 
-def _lr_at(cfg: TokenizerTrainConfig, step: int) -> float:
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
-
-
 def _losses(model: VQGAN, cfg: TokenizerTrainConfig, x: torch.Tensor, quantize: bool):
     z = model.encode_continuous(x)  # (B, D, h, w)
     if not quantize:  # autoencoder warm-up before the k-means init
@@ -206,9 +199,7 @@ def _coerce_config(config) -> TokenizerTrainConfig:
     if isinstance(config, TokenizerTrainConfig):
         return config
     if isinstance(config, dict):
-        from .yamlconf import _build
-
-        return _build(TokenizerTrainConfig, config)
+        return config_from_dict(TokenizerTrainConfig, config)
     raise ValueError(f"config must be a TokenizerTrainConfig or a dict, got {type(config).__name__}.")
 
 
@@ -276,7 +267,7 @@ def _train(cfg: TokenizerTrainConfig, out: Path, images, holdout_images) -> dict
             quantize = True
         model.train()
         for group in opt.param_groups:
-            group["lr"] = _lr_at(cfg, step)
+            group["lr"] = warmup_cosine(step, cfg.lr, cfg.lr * cfg.min_lr_ratio, cfg.warmup_steps, cfg.steps)
         x = train[torch.randint(len(train), (cfg.batch_size,), generator=gen)].to(cfg.device)  # (B, 3, H, W)
         rec, vq, z, codes = _losses(model, cfg, x, quantize)
         opt.zero_grad(set_to_none=True)
@@ -316,7 +307,6 @@ def _finish(model, cfg, out: Path, held, history, restarts: int, seconds: float,
     write_recon_grid(held, recon, out / "reconstructions.png", n=cfg.grid_images)
     (out / "losses.json").write_text(json.dumps({"step": [h[0] for h in history], "recon": [h[1] for h in history],
                                                  "vq": [h[2] for h in history]}) + "\n")
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 
 
@@ -366,12 +356,12 @@ def reconstruct(tokenizer: Union[str, Path], out_path: Union[str, Path], data: O
     if dataset is not None:
         if dataset != "digits":
             raise ValueError(f"dataset must be 'digits', got {dataset!r}.")
-        from .datasets import load_mnist_digits
+        from ..data.mnist import load_mnist_digits
 
         test = load_mnist_digits()["test_images"]  # sorted by class: spread the picks over it
         images = test[np.unique(np.linspace(0, len(test) - 1, num=min(n, len(test))).round().astype(np.int64))]
     else:
-        from .images import load_folder_images
+        from ..data.images import load_folder_images
 
         images = load_folder_images(data, res, n, spread=True)[0]
     return reconstruct_images(model, images, out_path, device=device)

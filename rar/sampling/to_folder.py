@@ -8,9 +8,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import load_generator
-from .config import RARConfig
-from .sampler import generate, pack_for_cpu
+from ..common import resolve_device
+from ..model.config import get_preset
+from ..model.weights import check_sizes, load_generator
+from .decoder import prepare
+from .sampler import generate
 
 
 def class_names_of(generator_path) -> list[str] | None:
@@ -57,11 +59,14 @@ def sample_to_folder(generator_path, out_dir, *, classes: str = "0", class_names
                      dtype: str = "float32", progress: bool = True, **sampling) -> str:
     """Sample `num_per_class` images of each class; writes tokens.npy, labels.npy and, with a
     tokenizer, grid.png (one row per class) and images/NNNNN_class-C.png. Returns a summary line."""
-    config = RARConfig.preset(preset) if preset else None
-    model = load_generator(generator_path, config).to(device=device, dtype=getattr(torch, dtype))
-    if config is not None:  # sampling settings of the preset, unless given explicitly
-        model.config = model.config.replace(guidance_scale=config.guidance_scale,
-                                            guidance_scale_pow=config.guidance_scale_pow, temperature=config.temperature)
+    device = resolve_device(device)
+    model = load_generator(generator_path).to(device=device, dtype=getattr(torch, dtype))  # our own copy
+    if preset:  # the generator must have the preset's sizes; its tuned settings fill unset ones
+        chosen = get_preset(preset)
+        check_sizes(chosen.config, model.config, f"generator {str(generator_path)!r}")
+        sampling = {k: v for k, v in sampling.items() if v is not None}
+        sampling = {**chosen.sampling.to_dict(), **sampling}
+    backend = prepare(model)  # once, not per batch
     names = read_class_names(class_names) if class_names else class_names_of(generator_path)
     ids = parse_classes(classes, model.config.num_classes, names)
     labels = torch.tensor(ids).repeat_interleave(num_per_class)  # (N,)
@@ -69,16 +74,15 @@ def sample_to_folder(generator_path, out_dir, *, classes: str = "0", class_names
     out.mkdir(parents=True, exist_ok=True)
     vq = None
     if tokenizer is not None:
-        from .vqgan import load_any_tokenizer
+        from ..tokenizer.vqgan import load_any_tokenizer
         vq = load_any_tokenizer(tokenizer).to(device).eval()
     from tqdm.auto import tqdm
 
-    model = pack_for_cpu(model)  # once, not per batch (a no-op off CPU)
     tokens, images, t0 = [], [], time.perf_counter()
     bar = tqdm(total=len(labels), desc="sample", unit="img", disable=not progress)
     for start in range(0, len(labels), batch_size):
         idx = range(start, min(start + batch_size, len(labels)))
-        tok = generate(model, labels[start:idx.stop].to(device), seed=seed, indices=idx, **sampling)
+        tok = generate(backend, labels[start:idx.stop], seed=seed, indices=idx, **sampling)
         tokens.append(tok.cpu())
         if vq is not None:
             with torch.inference_mode():
@@ -91,7 +95,7 @@ def sample_to_folder(generator_path, out_dir, *, classes: str = "0", class_names
     np.save(out / "labels.npy", labels.numpy())
     line = f"{len(labels)} samples in {seconds:.1f} s ({len(labels) / seconds:.2f} img/s); tokens in {out / 'tokens.npy'}"
     if vq is not None:
-        from .images import save_grid, save_images, to_uint8
+        from ..data.images import save_grid, save_images, to_uint8
         pics = to_uint8(torch.cat(images))
         save_grid(pics, out / "grid.png", nrow=num_per_class)
         save_images(pics, out / "images", [f"{i:05d}_class-{int(c)}" for i, c in enumerate(labels)])

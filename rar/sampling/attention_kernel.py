@@ -3,8 +3,11 @@
 torch's fused CPU kernel for `scaled_dot_product_attention` reads a decode step's KV cache at
 ~12-15 GB/s on the project's 2-core machine; this one streams it at the machine's bandwidth, which
 takes RAR-B's attention at batch 8 (24 blocks, 128 cached positions) from 22.6 to 13.7 ms
-(BENCHMARKS.md). It is built on first use, once per process and head size, with the system C
-compiler (~0.1 s) and OpenMP, on torch's own OpenMP runtime. Where that is impossible (no
+(BENCHMARKS.md). It is built on first use, once per process, head size and instruction set, with
+the system C compiler (~0.1 s) and OpenMP, on torch's own OpenMP runtime. The instruction-set
+flags come from `rar.sampling.cpu.CPUCapability.compiler_flags` (the ISA torch itself dispatches
+to), not from the build machine. The loader is kept rather than `torch.utils.cpp_extension`: one
+C file with no torch headers compiles in ~0.1 s instead of ~30 s, and needs no C++ toolchain. Where that is impossible (no
 compiler, not Linux, torch not built with OpenMP) `load` returns None, says why in
 `unavailable_reason`, and the sampler uses torch's kernel: same results up to fp32 rounding.
 """
@@ -22,7 +25,7 @@ import torch
 
 MAX_LENGTH = 16384  # cached positions per call: the kernel keeps one pair's scores on its thread's stack
 
-_built: dict[int, "SingleQueryAttention | str"] = {}  # head size -> kernel, or why there is none
+_built: dict[tuple, "SingleQueryAttention | str"] = {}  # (head size, flags) -> kernel, or why there is none
 
 
 class SingleQueryAttention:
@@ -30,8 +33,8 @@ class SingleQueryAttention:
     dimension, k and v (R, H, L, Dh) with contiguous (L, Dh) planes, as slices of a `KVCache`
     layer are; returns (R, H * Dh). Uses torch's intra-op threads (`torch.get_num_threads()`)."""
 
-    def __init__(self, fn, head_dim: int):
-        self._fn, self.head_dim = fn, head_dim
+    def __init__(self, fn, head_dim: int, flags: tuple[str, ...] = ()):
+        self._fn, self.head_dim, self.flags = fn, head_dim, tuple(flags)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         R, H, L, Dh = k.shape
@@ -67,8 +70,16 @@ def _torch_openmp() -> str | None:
     return _library_defining(ctypes.CDLL(str(torch_cpu)), "omp_get_max_threads") if torch_cpu.exists() else None
 
 
-def build(head_dim: int) -> SingleQueryAttention:
-    """Compile and load the kernel for `head_dim`; RuntimeError saying why where it cannot be used."""
+def _flags(flags) -> tuple[str, ...]:
+    from .cpu import CPUCapability
+
+    return tuple(CPUCapability.detect().compiler_flags() if flags is None else flags)
+
+
+def build(head_dim: int, flags=None) -> SingleQueryAttention:
+    """Compile and load the kernel for `head_dim` with the instruction-set `flags` (default: this
+    CPU's, `CPUCapability.compiler_flags`); RuntimeError saying why where it cannot be used."""
+    flags = _flags(flags)
     if not sys.platform.startswith("linux"):
         raise RuntimeError(f"the compiled kernel is built on Linux only (this is {sys.platform})")
     if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
@@ -76,10 +87,10 @@ def build(head_dim: int) -> SingleQueryAttention:
     cc = shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         raise RuntimeError("no C compiler (cc or gcc) on PATH")
-    src = resources.files("rar").joinpath("csrc/single_query_attention.c")
+    src = resources.files("rar.sampling").joinpath("csrc/single_query_attention.c")
     with tempfile.TemporaryDirectory() as tmp, resources.as_file(src) as path:
         lib = Path(tmp) / f"sqa{head_dim}.so"
-        cmd = [cc, "-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", f"-DHEAD_DIM={int(head_dim)}",
+        cmd = [cc, "-O3", *flags, "-fopenmp", "-fPIC", "-shared", f"-DHEAD_DIM={int(head_dim)}",
                str(path), "-o", str(lib)]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
@@ -91,21 +102,23 @@ def build(head_dim: int) -> SingleQueryAttention:
     fn = dll.single_query_attention
     fn.restype = None
     fn.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 3 + [ctypes.c_float, ctypes.c_int]
-    return SingleQueryAttention(fn, head_dim)
+    return SingleQueryAttention(fn, head_dim, flags)
 
 
-def load(head_dim: int) -> SingleQueryAttention | None:
-    """The kernel for `head_dim`, built on the first call of the process; None where it cannot be."""
-    if head_dim not in _built:
+def load(head_dim: int, flags=None) -> SingleQueryAttention | None:
+    """The kernel for `head_dim` and `flags` (default: this CPU's), built on the first call of the
+    process; None where it cannot be."""
+    key = (head_dim, _flags(flags))
+    if key not in _built:
         try:
-            _built[head_dim] = build(head_dim)
+            _built[key] = build(head_dim, flags)
         except (RuntimeError, OSError, subprocess.SubprocessError) as e:
-            _built[head_dim] = str(e)
-    kernel = _built[head_dim]
+            _built[key] = str(e)
+    kernel = _built[key]
     return kernel if isinstance(kernel, SingleQueryAttention) else None
 
 
-def unavailable_reason(head_dim: int) -> str | None:
-    """Why `load(head_dim)` gave None (None if it gave a kernel or was not called)."""
-    kernel = _built.get(head_dim)
+def unavailable_reason(head_dim: int, flags=None) -> str | None:
+    """Why `load(head_dim, flags)` gave None (None if it gave a kernel or was not called)."""
+    kernel = _built.get((head_dim, _flags(flags)))
     return kernel if isinstance(kernel, str) else None

@@ -7,15 +7,15 @@
  * at ~12-15 GB/s; these loops read each pair's keys, then its values, once, front to back, and
  * reach the ~20-27 GB/s this machine streams with that access pattern (BENCHMARKS.md).
  *
- * Built at run time by rar/attention_kernel.py with -DHEAD_DIM=<head size> (fixed trip counts
+ * Built at run time by rar/sampling/attention_kernel.py with -DHEAD_DIM=<head size> (fixed trip counts
  * for the inner loops) and -fopenmp. torch has already loaded its libgomp.so.1, so the loader
  * resolves this library's OpenMP to the same runtime: the threads below are torch's own
  * intra-op threads and no second pool competes for the cores (the loader checks this).
  *
  * Layout: pair (r, h) of q at q + r * q_strides[0] + h * q_strides[1], HEAD_DIM contiguous
  * floats; of k (and v alike) at k + r * k_strides[0] + h * k_strides[1], its positions HEAD_DIM
- * floats apart (slices of the (rows, heads, slots, head_dim) cache of rar.model.KVCache); out
- * (rows, heads, HEAD_DIM) contiguous. `length` is at most rar.attention_kernel.MAX_LENGTH (scores live on the
+ * floats apart (slices of the (rows, heads, slots, head_dim) cache of rar.sampling.decoder.KVCache); out
+ * (rows, heads, HEAD_DIM) contiguous. `length` is at most rar.sampling.attention_kernel.MAX_LENGTH (scores live on the
  * stack). */
 #include <stdint.h>
 #include <string.h>

@@ -1,4 +1,4 @@
-"""The typed configuration of `rar train` (YAML + dotted overrides via `rar.yamlconf`).
+"""The typed configuration of `rar train` (YAML + dotted overrides via `rar.runconfig`).
 
 Defaults are the paper's recipe where it has one (AdamW 4e-4, betas 0.9/0.96, weight decay 0.03,
 grad-norm clip 1.0, end lr 1e-5, label dropout 0.1, annealing from 50% to 75% of training).
@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import List, Optional
 
-from .config import RARConfig
-from .model import CHECKPOINTING
+from ..model.config import Preset, get_preset
+from ..model.transformer import RECOMPUTE_MODES
 
 
 @dataclass
@@ -62,10 +62,10 @@ class TrainConfig:
     keep_last: int = 2
     log_every: int = 10
     sample_every: int = 0  # 0: only at the end; needs a tokenizer to draw the grid
-    sample_classes: list = field(default_factory=list)  # classes of the sample grid; [] = the first 10
+    sample_classes: List[int] = field(default_factory=list)  # classes of the sample grid; [] = the first 10
     precision: str = "fp32"  # fp32 | bf16 (autocast)
     compile: bool = False
-    # What the backward pass recomputes instead of keeping (rar.model.CHECKPOINTING): "selective" keeps
+    # What the backward pass recomputes instead of keeping (rar.model.transformer.RECOMPUTE_MODES): "selective" keeps
     # only the linear layers' outputs (about half the activation memory, no slower on CPU), "full" only
     # each block's input (least memory, ~10-30% slower), "attention" everything but attention matrices.
     checkpointing: str = "selective"
@@ -84,8 +84,8 @@ class TrainConfig:
     def validate(self) -> None:
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}.")
-        if self.checkpointing not in CHECKPOINTING:
-            raise ValueError(f"checkpointing must be one of {', '.join(CHECKPOINTING)}, got {self.checkpointing!r}.")
+        if self.checkpointing not in RECOMPUTE_MODES:
+            raise ValueError(f"checkpointing must be one of {', '.join(RECOMPUTE_MODES)}, got {self.checkpointing!r}.")
         if self.max_steps <= 0 or self.batch_size <= 0 or self.grad_accum <= 0:
             raise ValueError("max_steps, batch_size and grad_accum must be positive.")
         if self.steps_of(self.anneal_end) < self.steps_of(self.anneal_start):
@@ -99,7 +99,13 @@ RESUMABLE_CHANGES = {"max_steps", "save_every", "keep_last", "log_every", "sampl
                      "tensorboard", "device", "compile", "sample_classes", "checkpointing"}
 
 
-def model_config(cfg: TrainConfig, num_tokens: int, codebook_size: int, num_classes: int) -> RARConfig:
-    overrides = {k: v for k, v in dataclasses.asdict(cfg.model).items() if k != "preset" and v is not None}
-    return RARConfig.preset(cfg.model.preset, num_tokens=num_tokens, codebook_size=codebook_size,
-                            num_classes=num_classes, **overrides)
+def model_preset(cfg: TrainConfig, num_tokens: int, codebook_size: int, num_classes: int) -> Preset:
+    """The generator's architecture, dropouts and sampling defaults: the preset's, changed by the
+    `model` section's set keys, with the data's tokens per image, codebook and classes."""
+    base = get_preset(cfg.model.preset)
+    given = {k: v for k, v in dataclasses.asdict(cfg.model).items() if k != "preset" and v is not None}
+
+    def part(obj):
+        return dataclasses.replace(obj, **{k: v for k, v in given.items() if hasattr(obj, k)})
+    config = part(base.config).replace(num_tokens=num_tokens, codebook_size=codebook_size, num_classes=num_classes)
+    return Preset(config, part(base.sampling), part(base.regularization))

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .yamlconf import load_config, save_config, to_dict
+from ..runconfig import load_config, save_config, to_dict
 
 
 def _barrier() -> None:
@@ -24,17 +24,10 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def pick_device(name: str) -> str:
-    """"auto" is this process's GPU (the CLI sets it from torchrun's LOCAL_RANK), else the CPU."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return f"cuda:{torch.cuda.current_device()}" if name == "cuda" else name
-
-
 def prepare_out_dir(cfg, out: Path, rank: int) -> None:
     """Create the run folder and write the resolved config; a resumed run must use the same
     config except for the keys in RESUMABLE_CHANGES."""
-    from .train_config import RESUMABLE_CHANGES, TrainConfig
+    from .config import RESUMABLE_CHANGES, TrainConfig
 
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -87,7 +80,7 @@ def save_checkpoint(tr, rec: dict) -> Path:
     if tr.rank == 0:
         state = {"model": tr.raw.state_dict(), "optimizer": tr.opt.state_dict(), "step": tr.step,
                  "images_seen": rec["images_seen"], "epoch": rec["epoch"], "world_size": tr.world,
-                 "model_config": tr.raw.config.to_dict()}
+                 "model_config": tr.raw.config.to_dict(), "regularization": tr.raw.regularization.to_dict()}
         torch.save(state, tmp / "state.pt")
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)  # atomic: the checkpoint appears complete or not at all
@@ -172,9 +165,9 @@ class Logger:
 
 def sample_grid(tr, name: str, per_class: int = 4) -> Path | None:
     """Decode a grid of samples of fixed classes, one row per class (needs the data's tokenizer)."""
-    from .images import save_grid
-    from .sampler import generate
-    from .vqgan import load_any_tokenizer
+    from ..data.images import save_grid
+    from ..sampling.sampler import generate
+    from ..tokenizer.vqgan import load_any_tokenizer
 
     if tr.rank != 0 or not tr.data.tokenizer or not Path(tr.data.tokenizer).exists():
         return None

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..common import mix_seed
+
 
 @dataclass
 class TokenData:
@@ -25,11 +27,6 @@ class TokenData:
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
-
-
-def mix_seed(*parts: int) -> int:
-    """A 63-bit seed from several integers (independent streams per (seed, step, ...))."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0] >> 1)
 
 
 def synthetic_tokens(num_samples: int = 2048, num_tokens: int = 64, codebook_size: int = 64,

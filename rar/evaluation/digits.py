@@ -1,9 +1,9 @@
-"""A small digit classifier for the demo's evaluation: it gives the class accuracy of conditional
+"""The demo's evaluation of digit samples. A small digit classifier gives the class accuracy of conditional
 samples, and its 128-d penultimate features stand in for Inception's in a Fréchet distance.
 That distance is reported as "FD in MNIST-classifier features", never as FID: the numbers are
 not comparable with FID values computed with Inception on ImageNet.
 
-It follows the feature-extractor protocol of `rar.metrics`: called on uint8 (B, 3, H, W) images,
+It follows the feature-extractor protocol of `rar.evaluation.metrics`: called on uint8 (B, 3, H, W) images,
 it returns {"pool": (B, 128), "logits": (B, 10)}.
 """
 from __future__ import annotations
@@ -87,3 +87,36 @@ def classify(model: DigitClassifier, images: np.ndarray, batch_size: int = 500) 
         preds.append(out["logits"].argmax(-1))
         feats.append(out["pool"].double())
     return torch.cat(preds).numpy(), torch.cat(feats).numpy()
+
+
+def evaluate_digit_samples(data: dict, samples: np.ndarray, sample_labels: np.ndarray, quick: bool, progress: bool) -> dict:
+    from .metrics import feature_statistics, frechet_distance
+
+    clf = train_classifier(data["train_images"], data["train_labels"], epochs=2 if quick else 4, progress=progress)
+    held_pred, held_feat = classify(clf, data["test_images"])
+    sample_pred, sample_feat = classify(clf, samples)
+    _, train_feat = classify(clf, data["train_images"])
+
+    def fd(a, b):
+        return frechet_distance(*feature_statistics(a), *feature_statistics(b))
+
+    return {
+        "classifier_heldout_accuracy": float((held_pred == data["test_labels"]).mean()),
+        "sample_class_accuracy": float((sample_pred == sample_labels).mean()),
+        "fd_mnist_classifier_features": fd(sample_feat, held_feat),
+        "fd_floor_heldout_vs_train": fd(held_feat, train_feat),
+        "num_samples": int(len(samples)), "num_heldout": int(len(held_feat)),
+    }
+
+
+def evaluate_digits_npz(npz_path, quick: bool = False, progress: bool = True) -> dict:
+    """The demo's evaluation of any ADM-layout npz of 32x32 digits with labels (`rar evaluate --digits`)."""
+    from ..data.mnist import load_mnist_digits
+    from .metrics import read_npz_images
+
+    read_npz_images(npz_path)  # layout check with a clear error
+    with np.load(npz_path) as z:
+        if "arr_1" not in z:
+            raise ValueError(f"{npz_path} has no arr_1 labels; the digit evaluation needs the class of every sample.")
+        images, labels = z["arr_0"], z["arr_1"]
+    return evaluate_digit_samples(load_mnist_digits(seed=0, n_train=4500), images, labels, quick, progress)

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .images import to_uint8
-from .sampler import generate, pack_for_cpu
+from ..data.images import to_uint8
+from ..sampling.sampler import as_backend, generate
 
 
 def chunk_path(out: Path, c: int) -> Path:
@@ -67,15 +67,15 @@ def sample_eval(model, tokenizer, out_npz, *, num_per_class: int = 50, num_class
     chunks = [c for c in range(-(-total // chunk_size)) if c % world_size == rank]
     todo = [c for c in chunks if not chunk_path(out, c).is_file()]
     chunk_path(out, 0).parent.mkdir(parents=True, exist_ok=True)
-    device = next(model.parameters()).device
+    backend = as_backend(model)  # prepared once, not per batch
+    device = backend.device
     mine = sum(min(chunk_size, total - c * chunk_size) for c in todo)
     bar = tqdm(total=mine, desc=f"sample-eval rank {rank}", unit="img", disable=not progress, smoothing=0.1)
-    model = pack_for_cpu(model)  # once, not per batch (a no-op off CPU)
     t0 = time.perf_counter()
     for c in todo:
         indices = range(c * chunk_size, min((c + 1) * chunk_size, total))
         labels = torch.tensor([i // num_per_class for i in indices], device=device)
-        images = sample_chunk(model, tokenizer, labels, indices, seed, batch_size, **sampling)
+        images = sample_chunk(backend, tokenizer, labels, indices, seed, batch_size, **sampling)
         write_npz(chunk_path(out, c), {"arr_0": images, "arr_1": labels.cpu().numpy().astype(np.int64)})
         bar.update(len(indices))
         if on_chunk is not None:

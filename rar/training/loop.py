@@ -18,30 +18,27 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from . import run_files
-from .checkpoint import save_generator
-from .config import RARConfig
-from .data import TokenData, gather_batch, global_batch_indices, load_token_shards, mix_seed, synthetic_tokens
-from .model import RAR
-from .orders import drop_labels, random_ratio, sample_orders
-from .train_config import OptimSection, TrainConfig, model_config
+from ..common import mix_seed, resolve_device, warmup_cosine
+from ..data.batches import TokenData, gather_batch, global_batch_indices, load_token_shards, synthetic_tokens
+from ..model.config import RARConfig
+from ..model.orders import drop_labels, random_ratio, sample_orders
+from ..model.transformer import RAR
+from ..model.weights import save_generator
+from . import run_folder
+from .config import OptimSection, TrainConfig, model_preset
 
 
 def compute_loss(model, tokens: torch.Tensor, labels: torch.Tensor, orders: torch.Tensor,
-                 checkpoint: str = "selective") -> torch.Tensor:
+                 recompute: str = "selective") -> torch.Tensor:
     """The RAR objective: cross-entropy of logits[b, j] against tokens[b, orders[b, j]]."""
-    logits = model(tokens, labels, orders, checkpoint=checkpoint)  # (B, T, V)
+    logits = model(tokens, labels, orders, recompute=recompute)  # (B, T, V)
     targets = tokens.gather(1, orders)  # (B, T) tokens in factorization order
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
     """Linear warmup to optim.lr, then cosine decay to optim.end_lr at max_steps."""
-    o, warm = cfg.optim, cfg.steps_of(cfg.optim.warmup_steps)
-    if step < warm:
-        return o.lr * (step + 1) / warm
-    progress = (step - warm) / max(1, cfg.max_steps - warm)
-    return o.end_lr + (o.lr - o.end_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return warmup_cosine(step, cfg.optim.lr, cfg.optim.end_lr, cfg.steps_of(cfg.optim.warmup_steps), cfg.max_steps)
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -94,27 +91,27 @@ class Trainer:
         if cfg.batch_size % (self.world * cfg.grad_accum):
             raise ValueError(f"batch_size {cfg.batch_size} must be divisible by processes x grad_accum "
                              f"= {self.world} x {cfg.grad_accum}.")
-        self.device = torch.device(run_files.pick_device(cfg.device))
+        self.device = resolve_device(cfg.device)
         self.out = Path(cfg.out_dir)
         self.data = load_data(cfg)
-        mcfg = model_config(cfg, self.data.tokens.shape[-1], self.data.codebook_size, self.data.num_classes)
+        preset = model_preset(cfg, self.data.tokens.shape[-1], self.data.codebook_size, self.data.num_classes)
         torch.manual_seed(cfg.seed)  # same initial weights on every rank
-        self.raw = RAR(mcfg).to(self.device)
+        self.raw = RAR(preset.config, preset.regularization, preset.sampling).to(self.device)
         self.model = self.raw
         self.opt = make_optimizer(self.raw, cfg.optim)
         self.step = 0
         torch.manual_seed(mix_seed(cfg.seed, self.rank, 2))  # dropout masks differ per rank
 
     def resume(self) -> None:
-        state = run_files.latest_checkpoint(self.out, self.rank)
+        state = run_folder.latest_checkpoint(self.out, self.rank)
         if state is None:
             return
         self.raw.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
         self.step = state["step"]
-        run_files.set_rng_state(state.get("rng"))
+        run_folder.set_rng_state(state.get("rng"))
         if self.rank == 0:
-            run_files.truncate_metrics(self.out, self.step)
+            run_folder.truncate_metrics(self.out, self.step)
 
     def wrap(self) -> None:
         if self.cfg.tf32 and self.device.type == "cuda":
@@ -127,8 +124,9 @@ class Trainer:
 
     def train_step(self) -> dict:
         """One optimizer step over this rank's slice of the global batch, in grad_accum chunks."""
-        cfg, mc = self.cfg, self.raw.config
-        tokens, labels, orders, r = step_batch(cfg, self.data, self.step, mc.num_classes, mc.label_dropout)
+        cfg = self.cfg
+        tokens, labels, orders, r = step_batch(cfg, self.data, self.step, self.raw.config.num_classes,
+                                               self.raw.regularization.label_dropout)
         per_rank = cfg.batch_size // self.world
         mine = slice(self.rank * per_rank, (self.rank + 1) * per_rank)
         chunks = [t[mine].to(self.device).chunk(cfg.grad_accum) for t in (tokens, labels, orders)]
@@ -164,10 +162,10 @@ def train(cfg: TrainConfig, on_step=None) -> dict:
     """Train (or resume) the run in cfg.out_dir; returns a summary. `on_step(step)` is called after
     every optimizer step (tests use it to kill the process at a chosen step)."""
     tr = Trainer(cfg)
-    run_files.prepare_out_dir(cfg, tr.out, tr.rank)
+    run_folder.prepare_out_dir(cfg, tr.out, tr.rank)
     tr.resume()
     tr.wrap()
-    logger = run_files.Logger(cfg, tr.out, tr.rank, start=tr.step)
+    logger = run_folder.Logger(cfg, tr.out, tr.rank, start=tr.step)
     tokens_per_step = cfg.batch_size * tr.raw.config.num_tokens
     last_t, last_step = time.perf_counter(), tr.step
     while tr.step < cfg.max_steps:
@@ -179,17 +177,17 @@ def train(cfg: TrainConfig, on_step=None) -> dict:
             logger.log(rec)
         logger.progress(rec)
         if tr.step % cfg.save_every == 0 or tr.step == cfg.max_steps:
-            run_files.save_checkpoint(tr, rec)
+            run_folder.save_checkpoint(tr, rec)
         if cfg.sample_every and tr.step % cfg.sample_every == 0:
-            run_files.sample_grid(tr, f"samples/step-{tr.step:07d}.png")
+            run_folder.sample_grid(tr, f"samples/step-{tr.step:07d}.png")
         if on_step is not None:
             on_step(tr.step)
     summary = logger.close()
     if tr.rank == 0:
         save_generator(tr.raw, tr.out / "generator", extra={"class_names": tr.data.class_names,
                                                             "tokenizer": tr.data.tokenizer, "steps": tr.step})
-        run_files.sample_grid(tr, "samples/final.png")
-        run_files.plot_loss(tr.out)
+        run_folder.sample_grid(tr, "samples/final.png")
+        run_folder.plot_loss(tr.out)
         (tr.out / "summary.json").write_text(json.dumps(summary, indent=2))
     if dist.is_initialized():
         dist.barrier()

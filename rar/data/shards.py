@@ -24,6 +24,7 @@ import json
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
@@ -32,8 +33,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..tokenizer.vqgan import VQGAN, load_any_tokenizer, state_dict_sha256
 from .images import center_crop_adm, list_image_folder, load_rgb, ten_crop
-from .vqgan import VQGAN, state_dict_sha256
 
 FORMAT = "rar-token-shards"
 TEN_CROP_VIEWS = ["top_left", "top_right", "bottom_left", "bottom_right", "center",
@@ -232,7 +233,6 @@ def _tokenize(tokenizer, source: _Source, out_dir, resolution, flip, ten_crop_, 
               rank, world_size, device, num_workers, progress, verbose) -> TokenizeReport:
     from tqdm.auto import tqdm
 
-    from .vqgan import load_any_tokenizer
 
     if not (0 <= rank < world_size):
         raise ValueError(f"rank must satisfy 0 <= rank < world_size, got rank={rank}, world_size={world_size}.")
@@ -254,7 +254,7 @@ def _tokenize(tokenizer, source: _Source, out_dir, resolution, flip, ten_crop_, 
             "views": settings["views_per_image"], "tokens_per_image": settings["tokens_per_image"]}
     n_todo = sum(min((s + 1) * shard_size, source.n) - s * shard_size for s in todo)
     t0 = time.time()
-    with ThreadPoolExecutor(num_workers) if num_workers > 0 else _nullpool() as pool, \
+    with ThreadPoolExecutor(num_workers) if num_workers > 0 else nullcontext() as pool, \
             tqdm(total=n_todo, desc=f"tokenize rank {rank}", unit="img", disable=not progress or not todo) as bar:
         for s in todo:
             tokens, labels, failed = _encode_shard(model, source, s, opts, pool, bar)
@@ -268,14 +268,6 @@ def _tokenize(tokenizer, source: _Source, out_dir, resolution, flip, ten_crop_, 
     if verbose:
         tqdm.write(report.summary())
     return report
-
-
-class _nullpool:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def tokenize_folder(tokenizer, root, out_dir, *, resolution: Optional[int] = None, flip: bool = True,
@@ -305,7 +297,7 @@ def tokenize_dataset(tokenizer, images: np.ndarray, labels, out_dir, *, class_na
 
 def tokenize_digits(tokenizer, out_dir, *, seed: int = 0, n_train: int = 4500, **kwargs) -> TokenizeReport:
     """The demo's train split of MNIST digits (no flip view by default: digits are not mirror-symmetric)."""
-    from .datasets import load_mnist_digits
+    from .mnist import load_mnist_digits
 
     data = load_mnist_digits(seed=seed, n_train=n_train)
     kwargs.setdefault("flip", False)

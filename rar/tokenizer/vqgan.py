@@ -16,7 +16,6 @@ the official state dict, so its keys load unchanged. Quirks reproduced on purpos
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -27,8 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import check_state_dict
-from .config import config_from_dict
+from ..files import dataclass_from_dict, load_strict, read_folder, read_state_dict, save_folder
 
 OFFICIAL_FILENAME = "maskgit-vqgan-imagenet-f16-256.bin"
 OFFICIAL_HUB_REPO = "fun-research/TiTok"
@@ -90,7 +88,7 @@ class VQGANConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "VQGANConfig":
-        return config_from_dict(cls, dict(d))
+        return dataclass_from_dict(cls, dict(d))
 
     def describe(self) -> str:
         return (f"MaskGIT-VQGAN f{self.downsample_factor} {self.resolution}px -> {self.grid_size}x{self.grid_size} "
@@ -101,10 +99,8 @@ class VQGANConfig:
 VQGAN_PRESETS: dict[str, VQGANConfig] = {
     # The official ImageNet tokenizer used by RAR (54.5M parameters).
     "maskgit_f16_256": VQGANConfig(),
-    # 32x32 digits -> 8x8 tokens; small enough to train in a few CPU minutes.
+    # 32x32 digits -> 8x8 tokens; small enough to train in a few CPU minutes (the test fixture's shape too).
     "digits_f4_32": VQGANConfig(32, (1, 1, 2), 1, 16, 32, 64),
-    # The configuration of the test fixture (same shape as digits_f4_32).
-    "tiny_f4_32": VQGANConfig(32, (1, 1, 2), 1, 16, 32, 64),
     # 64x64 images (e.g. downsampled ImageNet / CIFAR-like data) -> 8x8 tokens.
     "small_f8_64": VQGANConfig(64, (1, 1, 2, 2), 1, 64, 64, 512),
 }
@@ -270,17 +266,6 @@ class VQGAN(nn.Module):
         """codes -> images (B, 3, H, W) clamped to [0, 1], as the official `decode_tokens`."""
         return self.decode_latent(self.lookup(codes)).clamp(0.0, 1.0)
 
-    def forward(self, images: torch.Tensor):
-        """Training pass with the straight-through estimator.
-
-        Returns (recon_unclamped, z, quantized, codes); gradients reach the encoder through
-        `z + (quantized - z).detach()`, and the codebook through losses on `quantized`.
-        """
-        z = self.encode_continuous(images)  # (B, z, h, w)
-        codes, quantized = self.quantize(z)
-        recon = self.decode_latent(z + (quantized - z).detach())  # (B, 3, H, W)
-        return recon, z, quantized, codes
-
 
 # ----------------------------------------------------------------------------- loading / saving
 
@@ -317,28 +302,7 @@ def _shape(value) -> object:
     return list(value.shape) if torch.is_tensor(value) else f"a {type(value).__name__}, not a tensor"
 
 
-def _load_strict(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
-    expected = model.state_dict()
-    check_state_dict(state, {k: tuple(v.shape) for k, v in expected.items()}, source)
-    model.load_state_dict({k: state[k] for k in expected}, strict=True)
-
-
-def _read_official(path_or_state_dict) -> tuple[dict, str]:
-    if isinstance(path_or_state_dict, Mapping):
-        state, source = dict(path_or_state_dict), "the state dict"
-    else:
-        path = Path(path_or_state_dict)
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"tokenizer checkpoint {str(path)!r} does not exist: expected the official MaskGIT-VQGAN weights "
-                f"file {OFFICIAL_FILENAME}, which can be downloaded when online from the Hugging Face Hub repo "
-                f"{OFFICIAL_HUB_REPO} (https://huggingface.co/{OFFICIAL_HUB_REPO}); it is never downloaded "
-                "automatically.")
-        state, source = torch.load(path, map_location="cpu", weights_only=True), f"checkpoint {str(path)!r}"
-    # accept a wrapper such as {"state_dict": {...}, ...} (the reference fixtures use one)
-    if not any(str(k).startswith("encoder.") for k in state) and isinstance(state.get("state_dict"), Mapping):
-        state = dict(state["state_dict"])
-    return state, source
+FORMAT_NAME = "rar-vqgan"
 
 
 def load_official_tokenizer(path_or_state_dict, config: Optional[VQGANConfig] = None) -> VQGAN:
@@ -347,49 +311,32 @@ def load_official_tokenizer(path_or_state_dict, config: Optional[VQGANConfig] = 
     Without `config` the architecture is inferred from the tensor shapes; the resolution is not
     stored in the weights and defaults to 256. With `config`, every key is checked against it.
     """
-    state, source = _read_official(path_or_state_dict)
-    if config is None:
-        config = infer_config(state)
-    model = VQGAN(config)
-    _load_strict(model, state, source)
+    what = "tokenizer checkpoint" if isinstance(path_or_state_dict, Mapping) else \
+        f"tokenizer checkpoint {str(path_or_state_dict)!r}"
+    hint = (f": expected the official MaskGIT-VQGAN weights file {OFFICIAL_FILENAME}, which can be downloaded "
+            f"when online from the Hugging Face Hub repo {OFFICIAL_HUB_REPO} "
+            f"(https://huggingface.co/{OFFICIAL_HUB_REPO}); it is never downloaded automatically")
+    state = read_state_dict(path_or_state_dict, "tokenizer checkpoint", hint)
+    model = VQGAN(config or infer_config(state))
+    load_strict(model, state, what)
     model.eval().requires_grad_(False)  # frozen like the official wrapper
     return model
 
 
 def save_tokenizer(model: VQGAN, directory: Union[str, os.PathLike]) -> Path:
     """Write `model.safetensors` + `config.json` (the project format) atomically into `directory`."""
-    from safetensors.torch import save_file
-
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    save_file(tensors, str(out / "model.safetensors.tmp"), metadata={"format": "rar-vqgan"})
-    os.replace(out / "model.safetensors.tmp", out / "model.safetensors")
-    meta = {"format": "rar-vqgan", "version": 1, "config": model.config.to_dict()}
-    (out / "config.json.tmp").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    os.replace(out / "config.json.tmp", out / "config.json")
-    return out
+    return save_folder(model, directory, {"format": FORMAT_NAME, "version": 1, "config": model.config.to_dict()})
 
 
 def load_tokenizer(path: Union[str, os.PathLike]) -> VQGAN:
     """Load a tokenizer saved by `save_tokenizer`: its directory, the .safetensors inside it, or
     the out_dir of a `train_tokenizer` run (which holds it under `tokenizer/`)."""
-    from safetensors.torch import load_file
-
     p = Path(path)
     if p.is_dir() and not (p / "model.safetensors").exists() and (p / "tokenizer" / "model.safetensors").exists():
         p = p / "tokenizer"  # the out_dir of a train_tokenizer run
-    weights = p if p.suffix == ".safetensors" else p / "model.safetensors"
-    cfg_file = weights.parent / "config.json"
-    for f in (weights, cfg_file):
-        if not f.is_file():
-            raise FileNotFoundError(f"tokenizer file {str(f)!r} does not exist: expected a directory written by "
-                                    "save_tokenizer holding model.safetensors and config.json.")
-    meta = json.loads(cfg_file.read_text())
-    if meta.get("format") != "rar-vqgan":
-        raise ValueError(f"{str(cfg_file)!r} is not a rar-vqgan config (format {meta.get('format')!r}).")
+    meta, state, folder = read_folder(p, FORMAT_NAME, "tokenizer")
     model = VQGAN(VQGANConfig.from_dict(meta["config"]))
-    _load_strict(model, load_file(str(weights)), f"checkpoint {str(weights)!r}")
+    load_strict(model, state, f"checkpoint {str(folder / 'model.safetensors')!r}")
     return model.eval()
 
 

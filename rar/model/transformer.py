@@ -26,16 +26,44 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
-from .config import RARConfig
+from .config import Preset, RARConfig, Regularization, SamplingDefaults, preset_for
 
 PREFIX = 2  # [cls] and [class] come before the image tokens
+NORM_EPS = 1e-6  # every LayerNorm of the model (blocks, qk-norm, head), as upstream
 
-# What the training forward keeps for the backward pass (`checkpoint=`):
+
+class BlockModulation(NamedTuple):
+    """The six chunks of a block's adaLN output, in the official (DiT) order. The training forward
+    and the sampler's folded adaLN both split by this definition."""
+    shift_msa: torch.Tensor
+    scale_msa: torch.Tensor
+    gate_msa: torch.Tensor
+    shift_mlp: torch.Tensor
+    scale_mlp: torch.Tensor
+    gate_mlp: torch.Tensor
+
+    @classmethod
+    def split(cls, t: torch.Tensor, dim: int = -1) -> "BlockModulation":
+        return cls(*t.chunk(6, dim=dim))
+
+
+class HeadModulation(NamedTuple):
+    """The two chunks of the head's adaLN output; the official order is (scale, shift), the
+    reverse of the blocks'."""
+    scale: torch.Tensor
+    shift: torch.Tensor
+
+    @classmethod
+    def split(cls, t: torch.Tensor, dim: int = -1) -> "HeadModulation":
+        return cls(*t.chunk(2, dim=dim))
+
+
+# What the training forward keeps for the backward pass (`recompute=`):
 #   "attention"  everything but the dropped-out attention matrices, which are recomputed;
 #   "selective"  only the outputs of the linear layers; norms, modulation, GELU, dropout and
 #                attention are recomputed in the backward pass (a few % more time, half the memory);
 #   "full"       only each block's input; the whole block is recomputed (~1/3 more compute).
-CHECKPOINTING = ("attention", "selective", "full")
+RECOMPUTE_MODES = ("attention", "selective", "full")
 _KEPT_OPS = {torch.ops.aten.addmm.default, torch.ops.aten.mm.default}  # nn.Linear on CPU and GPU
 
 
@@ -51,27 +79,9 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale) + shift
 
 
-class KVCache:
-    """Preallocated keys and values of every block for one batch (LlamaGen-style static cache).
-
-    The sampler creates one per batch and passes it to its decode step (`rar.sampler`), which
-    writes the keys and values of position p at slot p and attends to slots 0..p.
-    """
-
-    def __init__(self, config: RARConfig, batch_size: int, max_len: int | None = None,
-                 device=None, dtype: torch.dtype = torch.float32):
-        max_len = max_len or config.num_tokens + 1
-        shape = (config.num_layers, batch_size, config.num_heads, max_len, config.head_dim)
-        self.keys = torch.zeros(shape, device=device, dtype=dtype)  # (layers, B, H, S, Dh)
-        self.values = torch.zeros(shape, device=device, dtype=dtype)
-
-    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.keys[i], self.values[i]
-
-
 class DropMasks(NamedTuple):
     """One block's dropout keep-masks (True = keep), drawn before the block runs: recomputing the
-    block in the backward pass (`checkpoint=`) reuses them instead of replaying the RNG."""
+    block in the backward pass (`recompute=`) reuses them instead of replaying the RNG."""
     attn: torch.Tensor | None  # (B, H, N, N) attention probabilities
     proj: torch.Tensor | None  # (B, N, D) attention output
     hidden: torch.Tensor | None  # (B, N, M) MLP hidden layer
@@ -121,8 +131,8 @@ class Attention(nn.Module):
         self.head_dim = dim // num_heads
         self.attn_dropout, self.dropout = attn_dropout, dropout
         self.qkv = nn.Linear(dim, 3 * dim, bias=True)
-        self.q_norm = nn.LayerNorm(self.head_dim, eps=1e-6)  # qk-norm
-        self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6)
+        self.q_norm = nn.LayerNorm(self.head_dim, eps=NORM_EPS)  # qk-norm
+        self.k_norm = nn.LayerNorm(self.head_dim, eps=NORM_EPS)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, drop: DropMasks | None = None, recompute: bool = True) -> torch.Tensor:
@@ -159,16 +169,15 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block with adaLN modulation (DiT), chunk order
-    (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp)."""
+    """Pre-norm transformer block with adaLN modulation (DiT); chunks as in `BlockModulation`."""
 
-    def __init__(self, cfg: RARConfig):
+    def __init__(self, cfg: RARConfig, reg: Regularization):
         super().__init__()
         d = cfg.hidden_size
-        self.norm1 = nn.LayerNorm(d, eps=1e-6)
-        self.attn = Attention(d, cfg.num_heads, cfg.attn_dropout, cfg.dropout)
-        self.norm2 = nn.LayerNorm(d, eps=1e-6)
-        self.mlp = Mlp(d, cfg.mlp_size, cfg.dropout)
+        self.norm1 = nn.LayerNorm(d, eps=NORM_EPS)
+        self.attn = Attention(d, cfg.num_heads, reg.attn_dropout, reg.dropout)
+        self.norm2 = nn.LayerNorm(d, eps=NORM_EPS)
+        self.mlp = Mlp(d, cfg.mlp_size, reg.dropout)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
 
     def dropout_masks(self, B: int, N: int, device) -> DropMasks | None:
@@ -181,28 +190,36 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, mod: torch.Tensor, drop: DropMasks | None = None,
                 recompute_attention: bool = True) -> torch.Tensor:
         # x (B, N, D); mod (B, N, 6D) = adaLN_modulation(per-slot condition)
-        shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)
-        x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1), drop, recompute_attention)
-        return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2), drop)
+        m = BlockModulation.split(mod)
+        x = x + m.gate_msa * self.attn(modulate(self.norm1(x), m.shift_msa, m.scale_msa), drop, recompute_attention)
+        return x + m.gate_mlp * self.mlp(modulate(self.norm2(x), m.shift_mlp, m.scale_mlp), drop)
 
 
 class FinalLayer(nn.Module):
-    """adaLN before the head. Note the official chunk order is (scale, shift), the reverse of the blocks."""
+    """adaLN before the head; chunks as in `HeadModulation`."""
 
     def __init__(self, d: int):
         super().__init__()
-        self.norm_final = nn.LayerNorm(d, eps=1e-6, elementwise_affine=False)
+        self.norm_final = nn.LayerNorm(d, eps=NORM_EPS, elementwise_affine=False)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 2 * d))
 
     def forward(self, x: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
-        scale, shift = mod.chunk(2, dim=-1)
-        return modulate(self.norm_final(x), shift, scale)
+        m = HeadModulation.split(mod)
+        return modulate(self.norm_final(x), m.shift, m.scale)
 
 
 class RAR(nn.Module):
-    def __init__(self, config: RARConfig):
+    """`config` fixes the architecture; `regularization` (training dropout) and `sampling` (the
+    defaults of `rar.generate`) are those of the preset with this architecture when not given,
+    else the dataclasses' defaults. Both are read-only descriptions, not modes."""
+
+    def __init__(self, config: RARConfig, regularization: Regularization | None = None,
+                 sampling: SamplingDefaults | None = None):
         super().__init__()
+        preset = preset_for(config) or Preset(config)
         self.config = cfg = config
+        self.regularization = regularization or preset.regularization
+        self.sampling = sampling or preset.sampling
         d, T, V, C = cfg.hidden_size, cfg.num_tokens, cfg.codebook_size, cfg.num_classes
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
         # Rows 0, 1: [cls], [class]; row 2 + i: image token at raster index i.
@@ -211,7 +228,7 @@ class RAR(nn.Module):
         self.target_aware_pos_embed = nn.Parameter(torch.zeros(1, T, d))
         # One per position 0..T: makes the adaLN condition slot-dependent.
         self.timesteps_embeddings = nn.Parameter(torch.zeros(1, T + 1, d))
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.blocks = nn.ModuleList(Block(cfg, self.regularization) for _ in range(cfg.num_layers))
         # Token space of the official model: [0, V) image codes, V the (unused) mask token,
         # V + 1 + c the class c in [0, C), V + 1 + C the "no class" label.
         self.embeddings = nn.Embedding(V + 1 + C + 1, d)
@@ -266,13 +283,13 @@ class RAR(nn.Module):
         cond = cond + self.target_aware_pos_embed[0][first_index][:, None]  # (B, 1, D)
         return torch.cat([cls, cond], dim=1)
 
-    def forward_hidden(self, x: torch.Tensor, mods: list[torch.Tensor], checkpoint: str = "selective") -> torch.Tensor:
+    def forward_hidden(self, x: torch.Tensor, mods: list[torch.Tensor], recompute: str = "selective") -> torch.Tensor:
         """Run the blocks and the final adaLN on a whole (causal) sequence: (B, N, D) -> (B, N, D).
-        `checkpoint` (one of CHECKPOINTING) chooses what the backward pass recomputes."""
-        if checkpoint not in CHECKPOINTING:
-            raise ValueError(f"checkpoint must be one of {CHECKPOINTING}, got {checkpoint!r}.")
-        whole_block = checkpoint != "attention" and self.training and torch.is_grad_enabled()
-        contexts = _selective_contexts if checkpoint == "selective" else torch.utils.checkpoint.noop_context_fn
+        `recompute` (one of RECOMPUTE_MODES) chooses what the backward pass recomputes."""
+        if recompute not in RECOMPUTE_MODES:
+            raise ValueError(f"recompute must be one of {RECOMPUTE_MODES}, got {recompute!r}.")
+        whole_block = recompute != "attention" and self.training and torch.is_grad_enabled()
+        contexts = _selective_contexts if recompute == "selective" else torch.utils.checkpoint.noop_context_fn
         B, N = x.shape[:2]
         for i, blk in enumerate(self.blocks):
             drop = blk.dropout_masks(B, N, x.device) if self.training else None
@@ -285,10 +302,10 @@ class RAR(nn.Module):
 
     # ---- the training / scoring forward -------------------------------------------------------
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor, orders: torch.Tensor | None = None,
-                checkpoint: str = "selective") -> torch.Tensor:
+                recompute: str = "selective") -> torch.Tensor:
         """tokens (B, T) in [0, V); labels (B,) in [0, C] (C = no class); orders (B, T) permutations
         or None for raster. Returns logits (B, T, V); logits[b, j] predicts tokens[b, orders[b, j]]
-        from the class and tokens[b, orders[b, :j]]. `checkpoint` (see CHECKPOINTING) chooses which
+        from the class and tokens[b, orders[b, :j]]. `recompute` (see RECOMPUTE_MODES) chooses which
         activations the backward pass recomputes instead of keeping; it does not change the result."""
         B, T = tokens.shape
         if T != self.config.num_tokens:
@@ -305,5 +322,5 @@ class RAR(nn.Module):
             mods = [m.index_select(0, inverse) for m in self.modulations(self.condition(distinct))]  # (B, T+1, 6D)
         else:
             mods = self.modulations(self.condition(labels))
-        h = self.forward_hidden(x, mods, checkpoint=checkpoint)  # (B, T+1, D)
+        h = self.forward_hidden(x, mods, recompute=recompute)  # (B, T+1, D)
         return self.lm_head(h[:, 1:])  # (B, T, V): drop the [cls] position

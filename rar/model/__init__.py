@@ -1,0 +1,1 @@
+"""The generator: configuration and presets, the transformer, factorization orders, weight files."""

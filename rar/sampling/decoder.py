@@ -1,0 +1,288 @@
+"""The decoder backend and the cached decode step.
+
+`prepare(model)` turns a `rar.RAR` into a `DecodeBackend`: the weights in the layouts a decode
+step reads fastest on its device, made once and passed to every `generate` call. The model itself
+is never copied, patched or mutated (a bf16 model decoded in fp32, or a `device`/`dtype` change,
+works on a converted copy). What the backend holds:
+- the folded adaLN (`fold_adaln`): every block's adaLN linear with its LayerNorm affines folded
+  in, as ONE linear; the modulation depends only on (class, position), so it is computed for a
+  window of positions in one large matmul instead of one skinny matmul per step;
+- per block the four linears (on CPU, `DecodeLinear`s whose kernel and layout follow the row
+  count and the CPU's capability) and the q/k-norm affines stacked for one fused op;
+- the attention over the KV cache: the compiled `rar.sampling.attention_kernel` in fp32 on CPU
+  where it can be built, torch's kernels otherwise;
+- `description`, which says what runs and why.
+`CachedDecoder` runs one batch of rows position by position through a preallocated `KVCache`.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from ..model.transformer import RAR, BlockModulation, HeadModulation
+from . import attention_kernel
+from .cpu import CPUCapability, DecodeLinear
+
+# Precomputed adaLN outputs held at once. 32 MiB is glibc's largest mmap threshold: a window that
+# fits is recycled from the heap instead of faulting in fresh pages (measured ~7% faster window
+# matmuls than 256 MiB windows, and ~200 MiB less peak memory at RAR-B batch 8) ...
+MOD_BUDGET_BYTES = 32 * 2**20
+MIN_WINDOW_ROWS = 64  # ... unless that leaves a window matmul fewer rows than this (slower kernels)
+
+
+class KVCache:
+    """Preallocated keys and values of every block for one batch (LlamaGen-style static cache):
+    the decode step writes position p's keys and values at slot p and attends to slots 0..p."""
+
+    def __init__(self, num_layers: int, batch_size: int, num_heads: int, max_len: int, head_dim: int,
+                 device=None, dtype: torch.dtype = torch.float32):
+        shape = (num_layers, batch_size, num_heads, max_len, head_dim)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)  # (layers, B, H, S, Dh)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.keys[i], self.values[i]
+
+
+class FoldedModulation(NamedTuple):
+    """A block's chunks of the folded adaLN output: modulate(norm(x)) = x_hat * a + c per branch."""
+    a_msa: torch.Tensor
+    c_msa: torch.Tensor
+    gate_msa: torch.Tensor
+    a_mlp: torch.Tensor
+    c_mlp: torch.Tensor
+    gate_mlp: torch.Tensor
+
+
+def fold_adaln(model: RAR) -> torch.nn.Linear:
+    """Every adaLN linear of the model, with the blocks' LayerNorm affines folded in, as ONE linear
+    D -> L * 6D + 2D for the decode step (one matmul per window of positions, one gather per step).
+
+    A block computes modulate(norm(x)) = (x_hat w + b)(1 + scale) + shift with scale and shift
+    linear in u = SiLU(condition). So a = w (1 + scale) and c = b (1 + scale) + shift are linear in u
+    too, and the step needs x_hat * a + c, one op instead of four. Per block the outputs are laid
+    out as `FoldedModulation`; the head's are [1 + scale, shift]. Folded in float64."""
+    D, L = model.config.hidden_size, len(model.blocks)
+    head = model.adaln_before_head.adaLN_modulation[-1]
+    folded = torch.nn.Linear(D, L * 6 * D + 2 * D, device="meta").to_empty(device=head.weight.device)
+    folded = folded.to(head.weight.dtype).requires_grad_(False)  # every value is set below
+    for i, blk in enumerate(model.blocks):  # one block at a time in float64: little extra memory
+        lin = blk.adaLN_modulation[-1]
+        W = BlockModulation.split(lin.weight.detach().double(), dim=0)  # each (D, D)
+        b = BlockModulation.split(lin.bias.detach().double(), dim=0)  # each (D,)
+        parts = []
+        for norm, shift, scale, gate in ((blk.norm1, "shift_msa", "scale_msa", "gate_msa"),
+                                         (blk.norm2, "shift_mlp", "scale_mlp", "gate_mlp")):
+            w, nb = norm.weight.detach().double(), norm.bias.detach().double()
+            Wsh, Wsc, bsh, bsc = getattr(W, shift), getattr(W, scale), getattr(b, shift), getattr(b, scale)
+            parts += [(w[:, None] * Wsc, w * (1 + bsc)), (nb[:, None] * Wsc + Wsh, nb * (1 + bsc) + bsh),
+                      (getattr(W, gate), getattr(b, gate))]
+        folded.weight[i * 6 * D:(i + 1) * 6 * D] = torch.cat([p[0] for p in parts])
+        folded.bias[i * 6 * D:(i + 1) * 6 * D] = torch.cat([p[1] for p in parts])
+    Wh = HeadModulation.split(head.weight.detach(), dim=0)
+    bh = HeadModulation.split(head.bias.detach().double(), dim=0)
+    folded.weight[L * 6 * D:] = torch.cat([Wh.scale, Wh.shift])
+    folded.bias[L * 6 * D:] = torch.cat([1 + bh.scale, bh.shift])
+    return folded.requires_grad_(False)
+
+
+def single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(Dh)) v for q (R, H, Dh) and k, v (R, H, L, Dh): (R, H * Dh), with torch's
+    kernels (the compiled `attention_kernel` has the same signature). fp32 uses torch's fused
+    kernel. In bf16 that kernel is 2-3x slower on CPU than two matmuls around an fp32 softmax
+    (BENCHMARKS.md), so those are used there; their scores are rounded to bf16 before the
+    softmax, which gives about twice the fused kernel's error against fp32 (2.2x in the test)."""
+    R, H, Dh = q.shape
+    q = q[:, :, None]  # (R, H, 1, Dh)
+    if q.dtype == torch.float32 or q.device.type != "cpu":
+        return F.scaled_dot_product_attention(q, k, v).view(R, H * Dh)
+    scores = torch.matmul(k, q.transpose(-1, -2)).float() * Dh ** -0.5  # (R, H, L, 1): k-major reads
+    return torch.matmul(scores.transpose(-1, -2).softmax(-1).to(v.dtype), v).view(R, H * Dh)
+
+
+@dataclass(frozen=True)
+class DecodeBlock:
+    """One block's weights as the decode step uses them."""
+    qkv: Callable[[torch.Tensor], torch.Tensor]
+    proj: Callable[[torch.Tensor], torch.Tensor]
+    fc1: Callable[[torch.Tensor], torch.Tensor]
+    fc2: Callable[[torch.Tensor], torch.Tensor]
+    act: Callable[[torch.Tensor], torch.Tensor]
+    qk_weight: torch.Tensor  # (2, 1, Dh): q-norm and k-norm weights stacked
+    qk_bias: torch.Tensor  # (2, 1, Dh)
+    norm_eps: float
+    qk_eps: float
+    num_heads: int
+
+
+class DecodeBackend:
+    """A model prepared for decoding (see the module docstring); made by `prepare`."""
+
+    def __init__(self, model: RAR, linear: Callable[[torch.nn.Linear], Callable], adaln: Callable,
+                 attention: Callable, attention_name: str, description: str, packed: bool = False):
+        self.model, self.config, self.sampling = model, model.config, model.sampling
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self.adaln, self.attention, self.attention_name = adaln, attention, attention_name
+        self.description, self.packed = description, packed
+        self.blocks = [DecodeBlock(linear(b.attn.qkv), linear(b.attn.proj), linear(b.mlp.fc1), linear(b.mlp.fc2),
+                                   b.mlp.act, *(torch.stack([getattr(b.attn.q_norm, n), getattr(b.attn.k_norm, n)])
+                                                .detach()[:, None] for n in ("weight", "bias")),
+                                   b.norm1.eps, b.attn.q_norm.eps, b.attn.num_heads) for b in model.blocks]
+        self.head = linear(model.lm_head)
+        self.head_eps = model.adaln_before_head.norm_final.eps
+
+    def prepare_rows(self, rows: int) -> None:
+        """Build now the weight layouts of decode steps of `rows` rows (a batch of B with guidance
+        has 2B), instead of on their first use."""
+        for b in self.blocks:
+            for lin in (b.qkv, b.proj, b.fc1, b.fc2):
+                if isinstance(lin, DecodeLinear):
+                    lin.prepare(rows)
+        if isinstance(self.head, DecodeLinear):
+            self.head.prepare(rows)
+
+    def __repr__(self) -> str:
+        return f"DecodeBackend({self.description})"
+
+
+def _converted(model: RAR, device, dtype) -> RAR:
+    p = next(model.parameters())
+    device = torch.device(device) if device is not None else p.device
+    dtype = dtype or p.dtype
+    if (device, dtype) == (p.device, p.dtype):
+        return model
+    return copy.deepcopy(model).to(device=device, dtype=dtype).eval()  # the caller's model stays as it is
+
+
+def prepare(model: RAR, *, device=None, dtype: torch.dtype | None = None, rows: int | None = None,
+            attention_kernel: bool = True, packed: bool = True,
+            capability: CPUCapability | None = None) -> DecodeBackend:
+    """The model prepared for decoding on `device` in `dtype` (default: the model's own).
+
+    On CPU with `packed`, each linear gets the kernel and weight layout that `capability` (this
+    CPU's, by default; tests force others) picks per row count; a bf16 model is decoded in fp32 on
+    a CPU without oneDNN bf16 kernels; in fp32 with `attention_kernel`, attention runs in the
+    compiled kernel where it can be built. `rows` builds the layouts of that row count now (for
+    RAR-B 0.4-0.7 s on a 2-core CPU; BENCHMARKS.md); otherwise each is built on first use.
+    `packed=False` (or any other device) uses the model's own linears and torch's attention."""
+    model = _converted(model, device, dtype)
+    p = next(model.parameters())
+    if p.device.type != "cpu" or not packed:
+        return DecodeBackend(model, lambda lin: lin, fold_adaln(model), single_query_attention, "torch attention",
+                             f"{p.device.type} {str(p.dtype).removeprefix('torch.')}: torch modules, "
+                             "folded adaLN, torch attention")
+    cap = capability or CPUCapability.detect()
+    notes = []
+    compute = cap.compute_dtype(p.dtype)
+    if compute != p.dtype:
+        notes.append(f"{str(p.dtype).removeprefix('torch.')} weights decoded in {str(compute).removeprefix('torch.')}: "
+                     "this CPU has no oneDNN bf16 kernels (they need AVX512-BW/VL/DQ or AVX-NE-CONVERT)")
+        model = _converted(model, None, compute)
+    attention, attention_name = single_query_attention, "torch attention"
+    if compute == torch.float32 and attention_kernel:
+        kernel = attention_kernel_for(model.config.head_dim, cap)
+        if isinstance(kernel, str):
+            attention_name = f"torch attention ({kernel})"
+        else:
+            attention, attention_name = kernel, f"rar.attention_kernel ({' '.join(kernel.flags) or 'default flags'})"
+    kernels = {r: cap.kernel(compute, r) for r in (1, 2, 16)}
+    text = (f"cpu ({cap.describe()}): {str(compute).removeprefix('torch.')} linears "
+            + ", ".join(f"{r} rows {k}" for r, k in kernels.items()) + f"; attention: {attention_name}")
+    backend = DecodeBackend(model, lambda lin: DecodeLinear(lin, cap),
+                            DecodeLinear(fold_adaln(model), cap, keep_plain=False), attention, attention_name,
+                            "; ".join([text, *notes]), packed=True)
+    if rows is not None:
+        backend.prepare_rows(rows)
+    return backend
+
+
+def attention_kernel_for(head_dim: int, cap: CPUCapability):
+    """The compiled kernel for this head size and CPU, or the reason there is none (a str)."""
+    kernel = attention_kernel.load(head_dim, cap.compiler_flags())
+    return kernel if kernel is not None else attention_kernel.unavailable_reason(head_dim, cap.compiler_flags())
+
+
+def decode_block(blk: DecodeBlock, x: torch.Tensor, mod: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor],
+                 pos: int, attention: Callable) -> torch.Tensor:
+    """`Block.forward` for one new position per row, written for speed (fewer, fused ops; the cache
+    is written in place; 2-D rows so that no linear output needs a reshape): x (R, D), mod (R, 6D)
+    laid out as `FoldedModulation`; the new keys and values go to slot `pos` and attention reads
+    slots 0..pos. Equal to the block up to fp32 rounding (tests hold them together)."""
+    R, D = x.shape
+    H = blk.num_heads
+    Dh = D // H
+    m = FoldedModulation(*mod.chunk(6, dim=-1))
+    qkv = blk.qkv(torch.addcmul(m.c_msa, F.layer_norm(x, (D,), eps=blk.norm_eps), m.a_msa))  # (R, 3D)
+    qk = F.layer_norm(qkv[:, :2 * D].reshape(R, 2, H, Dh), (Dh,), eps=blk.qk_eps)  # q-norm and k-norm in one call
+    q, k = torch.addcmul(blk.qk_bias, qk, blk.qk_weight).unbind(1)  # (R, H, Dh) each
+    k_buf, v_buf = kv  # (R, H, S, Dh)
+    k_buf[:, :, pos] = k
+    v_buf[:, :, pos] = qkv[:, 2 * D:].view(R, H, Dh)
+    out = attention(q, k_buf[:, :, :pos + 1], v_buf[:, :, :pos + 1])  # (R, D)
+    x = torch.addcmul(x, m.gate_msa, blk.proj(out))
+    h = torch.addcmul(m.c_mlp, F.layer_norm(x, (D,), eps=blk.norm_eps), m.a_mlp)
+    return torch.addcmul(x, m.gate_mlp, blk.fc2(blk.act(blk.fc1(h))))  # (R, D)
+
+
+class CachedDecoder:
+    """Runs one batch of rows through the model position by position with a KV cache.
+
+    rows (R,) labels in [0, C]; order (T,) raster indices in generation order. `prefill()` returns
+    the logits predicting order[0]; `step(tok, j)` feeds the token at order[j] and returns the
+    logits predicting order[j + 1].
+    """
+
+    def __init__(self, backend: DecodeBackend, rows: torch.Tensor, order: torch.Tensor):
+        cfg, model = backend.config, backend.model
+        self.backend, self.model, self.rows, self.order = backend, model, rows, order
+        max_len = cfg.num_tokens + 1  # [cls], [class] and T - 1 tokens
+        self.cache = KVCache(cfg.num_layers, rows.shape[0], cfg.num_heads, max_len, cfg.head_dim,
+                             device=rows.device, dtype=backend.dtype)
+        fits = max_len <= attention_kernel.MAX_LENGTH
+        self.attention = backend.attention if fits else single_query_attention
+        # Distinct labels only (with guidance all unconditional rows share one label).
+        self.labels, self.inverse = torch.unique(rows, return_inverse=True)  # (U,), (R,)
+        self.cond = F.silu(model.condition(self.labels))  # (U, T+1, D): the adaLN input
+        per_slot = self.labels.numel() * cfg.hidden_size * (6 * cfg.num_layers + 2) * self.cond.element_size()
+        rows_floor = -(-MIN_WINDOW_ROWS // self.labels.numel())  # positions
+        self.window = max(1, min(cfg.num_tokens + 1, max(rows_floor, MOD_BUDGET_BYTES // per_slot)))
+        self.win_start, self.win_mods = None, None
+        # (R, L*6D + 2D): one step's modulations, reused (a fresh multi-MB tensor per step costs page faults)
+        self.step_mods = self.cond.new_empty(rows.shape[0], cfg.hidden_size * (6 * cfg.num_layers + 2))
+
+    def _step_mods(self, pos: int) -> list[torch.Tensor]:
+        """Folded adaLN outputs at position `pos` for every row: [(R, 6D)] * layers + [(R, 2D)]."""
+        if self.win_start is None or not self.win_start <= pos < self.win_start + self.window:
+            self.win_start, self.win_mods = pos, None
+            self.win_mods = self.backend.adaln(self.cond[:, pos:pos + self.window])  # (U, W, L*6D + 2D)
+        i = pos - self.win_start
+        mods = torch.index_select(self.win_mods[:, i], 0, self.inverse, out=self.step_mods)  # (R, L*6D + 2D)
+        D = self.cond.shape[-1]
+        return list(mods.split([6 * D] * len(self.backend.blocks) + [2 * D], dim=-1))
+
+    def prefill(self) -> torch.Tensor:
+        """[cls] then [class], one position at a time (causal, so the same as both at once)."""
+        x = self.model.embed_prefix(self.rows, self.order[0].expand(self.rows.shape[0]))  # (R, 2, D)
+        self._forward(x[:, :1], 0)
+        return self._forward(x[:, 1:], 1)
+
+    def step(self, tokens: torch.Tensor, j: int) -> torch.Tensor:
+        R = self.rows.shape[0]
+        here = self.order[j].expand(R, 1)
+        nxt = self.order[j + 1].expand(R, 1)
+        return self._forward(self.model.embed_tokens(tokens.view(R, 1), here, nxt), j + 2)
+
+    def _forward(self, x: torch.Tensor, pos: int) -> torch.Tensor:
+        """x (R, 1, D) at position `pos` through every block and the head: logits (R, V)."""
+        mods = self._step_mods(pos)
+        x = x[:, 0]  # (R, D)
+        for i, blk in enumerate(self.backend.blocks):
+            x = decode_block(blk, x, mods[i], self.cache.layer(i), pos, self.attention)
+        a, c = mods[-1].chunk(2, dim=-1)  # the head's folded (1 + scale, shift)
+        h = torch.addcmul(c, F.layer_norm(x, (x.shape[-1],), eps=self.backend.head_eps), a)
+        return self.backend.head(h).float()  # (R, V)

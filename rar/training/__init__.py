@@ -1,0 +1,1 @@
+"""Training RAR: the run configuration, the training loop, and the run folder it writes."""
