@@ -131,7 +131,7 @@ def run_one(args) -> dict:
     if args.device.startswith("cuda"):
         peak = torch.cuda.max_memory_allocated() / 2**20
     return {"impl": args.impl, "batch_size": args.batch_size, "seconds_per_batch": sec, "setup_s": setup_s,
-            "images_per_s": args.batch_size / sec, "peak_rss_mib": peak, "attention": attention,
+            "images_per_s": args.batch_size / sec, "peak_rss_mib": peak, "backend": attention,
             "tokens": tokens.cpu().tolist()}
 
 
@@ -227,7 +227,7 @@ def main() -> None:
               f"{r['seconds_per_batch']:.2f} s/batch, {r['images_per_s']:.3f} img/s, "
               f"peak {r['peak_rss_mib']:.0f} MiB, {frac:.1%} of matmul peak"
               + (f" (+{r['setup_s']:.2f} s once per process to prepare the weights)" if r.get("setup_s") else "")
-              + f"; backend: {r['attention']}")
+              + f"; backend: {r['backend']}")
     summary = {k: v for k, v in results["ours"].items() if k != "tokens"}
     summary.update(flops_per_image=flops, preset=args.preset, dtype=args.dtype, **host_info)
     if "official" in results:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 class CLIError(Exception):
@@ -64,7 +65,8 @@ def _run_train(args) -> None:
     cfg = load_config(TrainConfig, args.config, args.overrides)
     _init_distributed(cfg.device)
     summary = train(cfg)
-    print(f"trained {summary['steps']} steps, final loss {summary['final_loss']:.4f}; "
+    loss = "n/a" if summary["final_loss"] is None else f"{summary['final_loss']:.4f}"
+    print(f"trained {summary['steps']} steps, final loss {loss}; "
           f"run folder {cfg.out_dir} (generator in {cfg.out_dir}/generator)")
 
 
@@ -120,6 +122,8 @@ def _add_sample_eval(sub) -> None:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--overwrite", action="store_true",
+                   help="redo chunks (and the final file) made with other settings instead of refusing")
     p.set_defaults(func=_run_sample_eval)
 
 
@@ -140,7 +144,7 @@ def _run_sample_eval(args) -> None:
     res = sample_eval(model, tokenizer, args.out, num_per_class=args.num_per_class, num_classes=args.num_classes,
                       seed=args.seed, batch_size=args.batch_size, chunk_size=args.chunk_size, rank=rank,
                       world_size=world, guidance_scale=args.guidance_scale, guidance_scale_pow=args.guidance_scale_pow,
-                      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+                      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, overwrite=args.overwrite)
     if dist.is_initialized():
         dist.barrier()
     if rank == 0 and not res.get("complete"):
@@ -193,6 +197,11 @@ def _run_evaluate(args) -> None:
         return
     if args.ref is None:
         raise CLIError("--ref is required (a reference batch such as VIRTUAL_imagenet256_labeled.npz).")
+    from .evaluation.metrics import read_npz_images
+
+    read_npz_images(args.samples)  # the inputs are checked before the Inception weights are looked for
+    if not Path(args.ref).is_file():
+        raise CLIError(f"reference batch {args.ref!r} does not exist; expected e.g. VIRTUAL_imagenet256_labeled.npz.")
     device = resolve_device(args.device)
     extractor = load_inception(weights_path=args.inception_weights, download=args.download)
     res = evaluate_npz(args.samples, args.ref, extractor, batch_size=args.batch_size, device=device)
@@ -276,6 +285,7 @@ SUBCOMMANDS = [_add_demo, _add_info, _add_train_tokenizer, _add_tokenize, _add_r
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rar", description="Randomized Autoregressive visual generation (RAR).")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for add in SUBCOMMANDS:
         add(sub)
@@ -290,9 +300,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         args.func(args)
-    except (CLIError, FileNotFoundError, ValueError) as err:
+    except (CLIError, ValueError, OSError, FloatingPointError) as err:  # bad input, an unusable file or NaNs
+        if args.debug:
+            raise
         print(f"rar {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"rar {args.command}: interrupted; finished work is kept, the same command resumes it.",
+              file=sys.stderr)
+        return 130
     return 0
 
 

@@ -26,7 +26,11 @@ def read_state_dict(path_or_state_dict, what: str, hint: str = "") -> dict[str, 
         path = Path(path_or_state_dict)
         if not path.is_file():
             raise FileNotFoundError(f"{what} {str(path)!r} does not exist{hint}.")
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - empty, truncated, not a torch file, or unsafe pickle
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ValueError(f"{what} {str(path)!r} is not a readable torch checkpoint ({first}).") from None
         if not isinstance(sd, Mapping):
             raise ValueError(f"{what} {str(path)!r} holds a {type(sd).__name__}, not a state dict.")
     for wrapper in ("state_dict", "model"):
@@ -70,6 +74,22 @@ def load_strict(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], what: st
     model.load_state_dict({k: sd[k] for k in expected}, strict=True, assign=assign)
 
 
+def ensure_writable_dir(path: str | os.PathLike, what: str) -> Path:
+    """Create the folder `path` if needed and check that files can be written in it, so that long
+    work never ends unable to save: ValueError naming `what` otherwise."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise ValueError(f"{what} {str(p)!r} is an existing file; expected a folder (or a path that does not exist).")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        probe = p / f".rar-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise ValueError(f"{what} {str(p)!r} is not writable ({err.strerror or err}).") from None
+    return p
+
+
 def save_folder(model: torch.nn.Module, path: str | os.PathLike, meta: dict) -> Path:
     """Write `model.safetensors` and `config.json` (meta) into the folder `path`, atomically each."""
     from safetensors.torch import save_file
@@ -102,4 +122,8 @@ def read_folder(path: str | os.PathLike, fmt: str, what: str, map_location="cpu"
     if not isinstance(meta, dict) or meta.get("format") != fmt:
         found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
         raise ValueError(f"{what} {str(p)!r}: config.json has format {found!r}, expected {fmt!r}.")
-    return meta, load_file(str(folder / "model.safetensors"), device=str(map_location)), folder
+    try:
+        state = load_file(str(folder / "model.safetensors"), device=str(map_location))
+    except Exception as err:  # noqa: BLE001 - safetensors' own errors: truncated or not a safetensors file
+        raise ValueError(f"{what} {str(p)!r}: model.safetensors is not readable ({err}).") from None
+    return meta, state, folder

@@ -9,6 +9,7 @@ so a typo never trains silently with a default; range checks live in each datacl
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import typing
@@ -32,6 +33,17 @@ def _clear(err: OmegaConfBaseException, source: str) -> ValueError:
         first = f"expected {_EXPECTED[found.group(2)]}, got {found.group(1)!r}"
     key = getattr(err, "full_key", None)
     return ValueError(f"{source}: config key {key!r}: {first}." if key else f"{source}: {first}.")
+
+
+def require(ok: bool, key: str, value, expected: str) -> None:
+    """A range check for a config's `__post_init__`: it runs when the config is built, so a bad
+    value fails before any work, naming the dotted key."""
+    if not ok:
+        raise ValueError(f"config key {key!r} must be {expected}, got {value!r}.")
+
+
+def finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _check_shapes(cls, raw, source: str, prefix: str = "") -> None:

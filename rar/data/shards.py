@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..files import ensure_writable_dir
 from ..tokenizer.vqgan import VQGAN, load_any_tokenizer, state_dict_sha256
 from .images import center_crop_adm, list_image_folder, load_rgb, ten_crop
 
@@ -244,7 +245,7 @@ def _tokenize(tokenizer, source: _Source, out_dir, resolution, flip, ten_crop_, 
     resolution = resolution or model.config.resolution
     settings = _settings(model, source, resolution, flip, ten_crop_, shard_size)
     fp, total, out = _fingerprint(settings), settings["num_shards"], Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    ensure_writable_dir(out, "token shard folder")
     report = TokenizeReport(str(out), rank, world_size)
     mine = [s for s in range(total) if s % world_size == rank]
     todo = [s for s in mine if not _shard_done(out, s, total, fp)]
@@ -258,6 +259,9 @@ def _tokenize(tokenizer, source: _Source, out_dir, resolution, flip, ten_crop_, 
             tqdm(total=n_todo, desc=f"tokenize rank {rank}", unit="img", disable=not progress or not todo) as bar:
         for s in todo:
             tokens, labels, failed = _encode_shard(model, source, s, opts, pool, bar)
+            if len(tokens) == 0 and failed:  # nothing readable: an error, not an empty shard
+                raise ValueError(f"none of the {len(failed)} images of shard {s} could be read (first: {failed[0][0]}: "
+                                 f"{failed[0][1]}); expected image files that PIL can open.")
             _write_shard(out, s, total, fp, tokens, labels, failed)
             report.shards_written.append(s)
             report.images += len(tokens)

@@ -79,7 +79,8 @@ class DecodeLinear(torch.nn.Module):
 
     def __init__(self, linear: torch.nn.Linear, capability: CPUCapability, keep_plain: bool = True):
         super().__init__()
-        self.weight, self.bias = linear.weight.detach(), linear.bias  # (N, K), (N,)
+        self.weight = linear.weight.detach()  # (N, K)
+        self.bias = None if linear.bias is None else linear.bias.detach()  # (N,)
         self.capability = capability
         self.shape = tuple(self.weight.shape)
         self._packed: torch.Tensor | None = None

@@ -53,7 +53,8 @@ def as_backend(model: RAR | DecodeBackend, packed: bool = True) -> DecodeBackend
     return model if isinstance(model, DecodeBackend) else prepare(model, packed=packed)
 
 
-def _resolve_order(order, model, device) -> torch.Tensor:
+def resolve_order(order, model, device) -> torch.Tensor:
+    """(T,) raster indices in generation order from None (raster), a scan-order name or a permutation."""
     if order is None:
         return torch.arange(model.config.num_tokens, device=device)
     if isinstance(order, str):
@@ -136,7 +137,7 @@ def generate(model: RAR | DecodeBackend, labels, *, guidance_scale: float | None
     labels = labels.long()
     s = resolve_settings(backend.sampling, guidance_scale, guidance_scale_pow, temperature, top_k, top_p)
     B, T = labels.shape[0], cfg.num_tokens
-    order = _resolve_order(order, backend, device)
+    order = resolve_order(order, backend, device)
     if seed is None:
         seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
     indices = range(B) if indices is None else [int(i) for i in indices]
@@ -148,11 +149,13 @@ def generate(model: RAR | DecodeBackend, labels, *, guidance_scale: float | None
     dec = CachedDecoder(backend, rows, order)
     out = torch.empty(B, T, dtype=torch.long, device=device)
     logits = dec.prefill()  # (R, V)
+    finite = torch.ones((), dtype=torch.bool, device=device)  # checked once at the end: no sync per step
     steps = range(T)
     if progress:
         from tqdm.auto import tqdm
         steps = tqdm(steps, desc="sampling", unit="tok", leave=False)
     for j in steps:
+        finite &= torch.isfinite(logits).all()
         if s.guided:
             cond, uncond = logits[:B], logits[B:]
             logits = uncond + (cond - uncond) * scales[j]
@@ -160,6 +163,9 @@ def generate(model: RAR | DecodeBackend, labels, *, guidance_scale: float | None
         out[:, order[j]] = tok
         if j + 1 < T:
             logits = dec.step(tok.repeat(2) if s.guided else tok, j)
+    if not finite:
+        raise FloatingPointError("the model produced non-finite logits (NaN or inf) while sampling, so the tokens "
+                                 "would be meaningless; check that its weights are finite.")
     return out
 
 
@@ -180,7 +186,7 @@ def cached_logits(model: RAR | DecodeBackend, tokens: torch.Tensor, labels: torc
     A model is decoded with its own linears (`prepare(model, packed=False)`); pass a backend to
     check another."""
     backend = as_backend(model, packed=False)
-    order = _resolve_order(order, backend, tokens.device)
+    order = resolve_order(order, backend, tokens.device)
     dec = CachedDecoder(backend, labels, order)
     out = [dec.prefill()]
     for j in range(backend.config.num_tokens - 1):

@@ -1,6 +1,7 @@
 """Sampling to files: class ids or names -> tokens -> images on disk (what `rar sample` does)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -9,10 +10,11 @@ import numpy as np
 import torch
 
 from ..common import resolve_device
+from ..files import ensure_writable_dir
 from ..model.config import get_preset
 from ..model.weights import check_sizes, load_generator
 from .decoder import prepare
-from .sampler import generate
+from .sampler import generate, resolve_order, resolve_settings
 
 
 def class_names_of(generator_path) -> list[str] | None:
@@ -58,20 +60,26 @@ def sample_to_folder(generator_path, out_dir, *, classes: str = "0", class_names
                      tokenizer=None, preset: str | None = None, batch_size: int = 16, device: str = "cpu",
                      dtype: str = "float32", progress: bool = True, **sampling) -> str:
     """Sample `num_per_class` images of each class; writes tokens.npy, labels.npy and, with a
-    tokenizer, grid.png (one row per class) and images/NNNNN_class-C.png. Returns a summary line."""
+    tokenizer, grid.png (one row per class) and images/NNNNN_class-C.png. Returns a summary line.
+    Every argument is checked, and the output folder made writable, before any sampling."""
+    for name, value in (("num_per_class", num_per_class), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}.")
     device = resolve_device(device)
     model = load_generator(generator_path).to(device=device, dtype=getattr(torch, dtype))  # our own copy
+    defaults = model.sampling
     if preset:  # the generator must have the preset's sizes; its tuned settings fill unset ones
         chosen = get_preset(preset)
         check_sizes(chosen.config, model.config, f"generator {str(generator_path)!r}")
-        sampling = {k: v for k, v in sampling.items() if v is not None}
-        sampling = {**chosen.sampling.to_dict(), **sampling}
-    backend = prepare(model)  # once, not per batch
+        defaults = chosen.sampling
+    sampling = {k: v for k, v in sampling.items() if v is not None}
+    order = resolve_order(sampling.pop("order", None), model, device)  # a bad order fails before any work
+    sampling = dataclasses.asdict(resolve_settings(defaults, **sampling))  # bad values fail here
     names = read_class_names(class_names) if class_names else class_names_of(generator_path)
     ids = parse_classes(classes, model.config.num_classes, names)
     labels = torch.tensor(ids).repeat_interleave(num_per_class)  # (N,)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = ensure_writable_dir(out_dir, "output folder")
+    backend = prepare(model)  # once, not per batch
     vq = None
     if tokenizer is not None:
         from ..tokenizer.vqgan import load_any_tokenizer
@@ -82,7 +90,7 @@ def sample_to_folder(generator_path, out_dir, *, classes: str = "0", class_names
     bar = tqdm(total=len(labels), desc="sample", unit="img", disable=not progress)
     for start in range(0, len(labels), batch_size):
         idx = range(start, min(start + batch_size, len(labels)))
-        tok = generate(backend, labels[start:idx.stop], seed=seed, indices=idx, **sampling)
+        tok = generate(backend, labels[start:idx.stop], seed=seed, indices=idx, order=order, **sampling)
         tokens.append(tok.cpu())
         if vq is not None:
             with torch.inference_mode():

@@ -26,8 +26,9 @@ import torch
 import torch.nn.functional as F
 
 from ..common import warmup_cosine
+from ..files import ensure_writable_dir
 from ..data.images import make_grid, psnr, to_uint8
-from ..runconfig import config_from_dict, load_config, save_config, to_dict
+from ..runconfig import config_from_dict, finite, load_config, require, save_config, to_dict
 from .vqgan import VQGAN, VQGANConfig, save_tokenizer
 
 
@@ -39,6 +40,12 @@ class TokenizerDataConfig:
     holdout: int = 500  # folder: images held out for PSNR / codebook usage
     max_images: Optional[int] = None  # folder: cap on images loaded (they are held in memory)
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        require(self.dataset in ("digits", "folder"), "data.dataset", self.dataset, "'digits' or 'folder'")
+        for name in ("n_train", "holdout"):
+            require(getattr(self, name) > 0, f"data.{name}", getattr(self, name), "a positive integer")
+        require(self.max_images is None or self.max_images > 0, "data.max_images", self.max_images, "positive")
 
 
 @dataclass
@@ -66,6 +73,21 @@ class TokenizerTrainConfig:
     grid_images: int = 32
     reuse: bool = True  # skip training when out_dir already holds a finished run of this config
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "log_every", "grid_images"):
+            require(getattr(self, name) > 0, name, getattr(self, name), "a positive integer")
+        for name in ("warmup_steps", "kmeans_init_step", "restart_every"):
+            require(getattr(self, name) >= 0, name, getattr(self, name), "an integer >= 0")
+        require(finite(self.lr) and self.lr > 0, "lr", self.lr, "a positive number")
+        require(finite(self.min_lr_ratio) and 0 <= self.min_lr_ratio <= 1, "min_lr_ratio", self.min_lr_ratio,
+                "in [0, 1]")
+        for name in ("weight_decay", "grad_clip", "codebook_weight", "commitment_cost"):
+            require(finite(getattr(self, name)) and getattr(self, name) >= 0, name, getattr(self, name),
+                    "a finite number >= 0")
+        require(all(finite(b) and 0 <= b < 1 for b in self.betas), "betas", self.betas, "two numbers in [0, 1)")
+        require(self.recon_loss in ("l1", "l2"), "recon_loss", self.recon_loss, "'l1' or 'l2'")
+        require(self.num_threads is None or self.num_threads > 0, "num_threads", self.num_threads, "positive")
 
 
 # The `--quick` setting: about 35 s on one CPU thread for the digits (PSNR ~24 dB, still readable).
@@ -232,6 +254,7 @@ def train_tokenizer(config: Union[TokenizerTrainConfig, dict], images=None, hold
     out = Path(cfg.out_dir)
     if images is None and (done := _finished_run(cfg, out)) is not None:
         return {**done, "reused": True}
+    ensure_writable_dir(out, "out_dir")  # before the training, not after it
     threads = torch.get_num_threads()
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)

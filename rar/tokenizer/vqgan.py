@@ -343,6 +343,9 @@ def load_tokenizer(path: Union[str, os.PathLike]) -> VQGAN:
 def load_any_tokenizer(path: Union[str, os.PathLike]) -> VQGAN:
     """A directory or .safetensors file -> project format; .bin / .pt / .pth -> official weights."""
     p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"tokenizer {str(p)!r} does not exist; expected the official {OFFICIAL_FILENAME} or "
+                                "a folder written by rar train-tokenizer.")
     if p.is_dir() or p.suffix == ".safetensors":
         return load_tokenizer(p)
     if p.suffix in (".bin", ".pt", ".pth"):

@@ -6,11 +6,17 @@ grad-norm clip 1.0, end lr 1e-5, label dropout 0.1, annealing from 50% to 75% of
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from ..model.config import Preset, get_preset
+from ..model.config import PRESETS, Preset, get_preset
 from ..model.transformer import RECOMPUTE_MODES
+from ..runconfig import finite as _finite, require as _require
+
+
+def _probability(key: str, v) -> None:
+    _require(_finite(v) and 0 <= v < 1, key, v, "in [0, 1)")
 
 
 @dataclass
@@ -28,6 +34,21 @@ class ModelSection:
     guidance_scale_pow: Optional[float] = None
     temperature: Optional[float] = None
 
+    def __post_init__(self) -> None:
+        _require(self.preset in PRESETS, "model.preset", self.preset, f"one of {', '.join(PRESETS)}")
+        for name in ("hidden_size", "num_layers", "num_heads", "mlp_size"):
+            v = getattr(self, name)
+            _require(v is None or v > 0, f"model.{name}", v, "a positive integer (or unset)")
+        for name in ("dropout", "attn_dropout", "label_dropout"):
+            if getattr(self, name) is not None:
+                _probability(f"model.{name}", getattr(self, name))
+        for name, low in (("guidance_scale", -math.inf), ("guidance_scale_pow", 0.0)):
+            v = getattr(self, name)
+            _require(v is None or (_finite(v) and v >= low), f"model.{name}", v,
+                     "a finite number" + (" >= 0" if low == 0 else "") + " (or unset)")
+        v = self.temperature
+        _require(v is None or (_finite(v) and v > 0), "model.temperature", v, "a positive number (or unset)")
+
 
 @dataclass
 class DataSection:
@@ -36,6 +57,9 @@ class DataSection:
     synthetic: bool = False  # use rar.data.synthetic_tokens instead (smoke tests, trying the command)
     synthetic_samples: int = 2048
     flip_views: bool = True  # pick a random stored view (e.g. the horizontal flip) per sample
+
+    def __post_init__(self) -> None:
+        _require(self.synthetic_samples > 0, "data.synthetic_samples", self.synthetic_samples, "positive")
 
 
 @dataclass
@@ -47,6 +71,14 @@ class OptimSection:
     warmup_steps: float = 0.25  # steps, or a fraction of max_steps when <= 1
     end_lr: float = 1e-5  # cosine decay ends here
     grad_clip: float = 1.0  # 0 disables
+
+    def __post_init__(self) -> None:
+        _require(_finite(self.lr) and self.lr > 0, "optim.lr", self.lr, "a positive number")
+        _probability("optim.beta1", self.beta1)
+        _probability("optim.beta2", self.beta2)
+        for name in ("weight_decay", "warmup_steps", "end_lr", "grad_clip"):
+            v = getattr(self, name)
+            _require(_finite(v) and v >= 0, f"optim.{name}", v, "a finite number >= 0")
 
 
 @dataclass
@@ -73,6 +105,9 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     tensorboard: bool = True
     progress: bool = True
+    # An out_dir holding a run that cannot be resumed (no checkpoint loads, or logged steps but no
+    # checkpoint yet) is an error, unless start_over: then its metrics.jsonl is cleared and training starts at 0.
+    start_over: bool = False
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     optim: OptimSection = field(default_factory=OptimSection)
@@ -81,22 +116,42 @@ class TrainConfig:
         """A schedule point given as a step or as a fraction (<= 1) of max_steps."""
         return int(round(value * self.max_steps)) if value <= 1 else int(value)
 
-    def validate(self) -> None:
-        if self.precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}.")
-        if self.checkpointing not in RECOMPUTE_MODES:
-            raise ValueError(f"checkpointing must be one of {', '.join(RECOMPUTE_MODES)}, got {self.checkpointing!r}.")
-        if self.max_steps <= 0 or self.batch_size <= 0 or self.grad_accum <= 0:
-            raise ValueError("max_steps, batch_size and grad_accum must be positive.")
-        if self.steps_of(self.anneal_end) < self.steps_of(self.anneal_start):
-            raise ValueError(f"anneal_end ({self.anneal_end}) comes before anneal_start ({self.anneal_start}).")
-        if not self.data.synthetic and not self.data.path:
-            raise ValueError("data.path must name a folder written by `rar tokenize` (or set data.synthetic=true).")
+    def __post_init__(self) -> None:
+        _require(self.precision in ("fp32", "bf16"), "precision", self.precision, "'fp32' or 'bf16'")
+        _require(self.checkpointing in RECOMPUTE_MODES, "checkpointing", self.checkpointing,
+                 f"one of {', '.join(RECOMPUTE_MODES)}")
+        for name in ("max_steps", "batch_size", "grad_accum", "save_every", "keep_last", "log_every"):
+            _require(getattr(self, name) > 0, name, getattr(self, name), "a positive integer")
+        _require(self.batch_size % self.grad_accum == 0, "batch_size", self.batch_size,
+                 f"divisible by grad_accum ({self.grad_accum})")
+        _require(self.sample_every >= 0, "sample_every", self.sample_every, ">= 0 (0: only at the end)")
+        _require(self.seed >= 0, "seed", self.seed, ">= 0")
+        _require(all(c >= 0 for c in self.sample_classes), "sample_classes", self.sample_classes, "class ids >= 0")
+        _require(bool(self.out_dir), "out_dir", self.out_dir, "a folder path")
+        _require(self.data.synthetic or bool(self.data.path), "data.path", self.data.path,
+                 "a folder written by `rar tokenize` (or set data.synthetic=true)")
+        for name in ("anneal_start", "anneal_end"):
+            _require(_finite(getattr(self, name)) and getattr(self, name) >= 0, name, getattr(self, name),
+                     "a step, or a fraction of max_steps in [0, 1]")
+        _require(self.steps_of(self.anneal_end) >= self.steps_of(self.anneal_start), "anneal_end", self.anneal_end,
+                 f"at or after anneal_start ({self.anneal_start})")
+        _require(self.device == "auto" or _is_device(self.device), "device", self.device,
+                 "auto, cpu, cuda or cuda:N")
+
+
+def _is_device(name: str) -> bool:
+    import torch
+
+    try:
+        torch.device(name)
+    except RuntimeError:
+        return False
+    return True
 
 
 # Keys that may change when a run is resumed (the rest must match the saved config).
 RESUMABLE_CHANGES = {"max_steps", "save_every", "keep_last", "log_every", "sample_every", "progress",
-                     "tensorboard", "device", "compile", "sample_classes", "checkpointing"}
+                     "tensorboard", "device", "compile", "sample_classes", "checkpointing", "start_over"}
 
 
 def model_preset(cfg: TrainConfig, num_tokens: int, codebook_size: int, num_classes: int) -> Preset:

@@ -84,8 +84,7 @@ def step_batch(cfg: TrainConfig, data: TokenData, step: int, num_classes: int, l
 
 class Trainer:
     def __init__(self, cfg: TrainConfig):
-        cfg.validate()
-        self.cfg = cfg
+        self.cfg = cfg  # ranges were checked when cfg was built
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         if cfg.batch_size % (self.world * cfg.grad_accum):
@@ -98,6 +97,10 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # same initial weights on every rank
         self.raw = RAR(preset.config, preset.regularization, preset.sampling).to(self.device)
         self.model = self.raw
+        too_big = [c for c in cfg.sample_classes if c >= preset.config.num_classes]
+        if too_big:
+            raise ValueError(f"sample_classes has class {too_big[0]}, but the data has "
+                             f"{preset.config.num_classes} classes (0..{preset.config.num_classes - 1}).")
         self.opt = make_optimizer(self.raw, cfg.optim)
         self.step = 0
         torch.manual_seed(mix_seed(cfg.seed, self.rank, 2))  # dropout masks differ per rank
@@ -105,6 +108,7 @@ class Trainer:
     def resume(self) -> None:
         state = run_folder.latest_checkpoint(self.out, self.rank)
         if state is None:
+            run_folder.check_fresh_start(self.out, self.rank, self.cfg.start_over)
             return
         self.raw.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
@@ -137,10 +141,11 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         for i, (tok, lab, ordr) in enumerate(zip(*chunks)):
             last = i == cfg.grad_accum - 1
-            sync = nullcontext() if last or self.world == 1 else self.model.no_sync()
-            with sync, autocast:
-                loss = compute_loss(self.model, tok, lab, ordr, cfg.checkpointing) / cfg.grad_accum
-            with sync:
+            # DDP all-reduces gradients only on the last micro-batch; no_sync() is entered once per
+            # micro-batch and covers its forward and backward.
+            with nullcontext() if last or self.world == 1 else self.model.no_sync():
+                with autocast:
+                    loss = compute_loss(self.model, tok, lab, ordr, cfg.checkpointing) / cfg.grad_accum
                 loss.backward()
             total += loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.raw.parameters(), cfg.optim.grad_clip or float("inf"))
@@ -164,6 +169,8 @@ def train(cfg: TrainConfig, on_step=None) -> dict:
     tr = Trainer(cfg)
     run_folder.prepare_out_dir(cfg, tr.out, tr.rank)
     tr.resume()
+    if tr.step >= cfg.max_steps and (done := run_folder.finished_summary(tr.out, tr.step)) is not None:
+        return done  # a finished run: nothing to train, nothing rewritten
     tr.wrap()
     logger = run_folder.Logger(cfg, tr.out, tr.rank, start=tr.step)
     tokens_per_step = cfg.batch_size * tr.raw.config.num_tokens
@@ -182,7 +189,8 @@ def train(cfg: TrainConfig, on_step=None) -> dict:
             run_folder.sample_grid(tr, f"samples/step-{tr.step:07d}.png")
         if on_step is not None:
             on_step(tr.step)
-    summary = logger.close()
+    seconds = logger.close()
+    summary = run_folder.summarize(tr.out, tr.step, seconds)
     if tr.rank == 0:
         save_generator(tr.raw, tr.out / "generator", extra={"class_names": tr.data.class_names,
                                                             "tokenizer": tr.data.tokenizer, "steps": tr.step})

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..files import ensure_writable_dir
 from ..runconfig import load_config, save_config, to_dict
 
 
@@ -26,18 +27,20 @@ def _barrier() -> None:
 
 def prepare_out_dir(cfg, out: Path, rank: int) -> None:
     """Create the run folder and write the resolved config; a resumed run must use the same
-    config except for the keys in RESUMABLE_CHANGES."""
+    config except for the keys in RESUMABLE_CHANGES. Every rank checks (so that all stop alike);
+    rank 0 writes."""
     from .config import RESUMABLE_CHANGES, TrainConfig
 
+    saved_path = out / "config.yaml"
+    if saved_path.is_file() and any((out / "checkpoints").glob("step-*")):
+        saved = _flat(to_dict(load_config(TrainConfig, saved_path)))
+        for key, value in _flat(to_dict(cfg)).items():
+            if key.split(".")[0] not in RESUMABLE_CHANGES and saved.get(key) != value:
+                raise ValueError(f"{out} holds a run with {key}={saved.get(key)!r}, but this config has "
+                                 f"{key}={value!r}; use another out_dir or the same config to resume.")
+    _barrier()
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        saved_path = out / "config.yaml"
-        if saved_path.is_file() and any((out / "checkpoints").glob("step-*")):
-            saved = _flat(to_dict(load_config(TrainConfig, saved_path)))
-            for key, value in _flat(to_dict(cfg)).items():
-                if key.split(".")[0] not in RESUMABLE_CHANGES and saved.get(key) != value:
-                    raise ValueError(f"{out} holds a run with {key}={saved.get(key)!r}, but this config has "
-                                     f"{key}={value!r}; use another out_dir or the same config to resume.")
+        ensure_writable_dir(out, "out_dir")
         save_config(cfg, saved_path)
     _barrier()
 
@@ -99,26 +102,82 @@ def latest_checkpoint(out: Path, rank: int) -> dict | None:
             print(f"warning: skipping unreadable checkpoint {folder}: {err}")
             continue
         rng_file = folder / f"rng-{rank}.pt"
-        state["rng"] = torch.load(rng_file, weights_only=True) if rng_file.is_file() else None
+        try:
+            state["rng"] = torch.load(rng_file, weights_only=True) if rng_file.is_file() else None
+            if state["rng"] is not None and not torch.is_tensor(state["rng"].get("cpu")):
+                raise ValueError("no CPU generator state in it")
+        except Exception as err:  # noqa: BLE001 - its RNG file is damaged: this checkpoint cannot resume exactly
+            print(f"warning: skipping checkpoint {folder}: unreadable {rng_file.name}: {err}")
+            continue
         return state
     return None
+
+
+def check_fresh_start(out: Path, rank: int, start_over: bool) -> None:
+    """Before step 0 in a folder that already holds a run: an error saying why it cannot resume,
+    unless `start_over` (then rank 0 clears its metrics.jsonl so that two runs never mix)."""
+    logged = read_metrics(out / "metrics.jsonl") if (out / "metrics.jsonl").is_file() else []
+    saved = sorted((out / "checkpoints").glob("step-*[0-9]"))
+    if not logged and not saved:
+        return
+    why = (f"none of its {len(saved)} checkpoints loads" if saved
+           else f"it logged {len(logged)} records but wrote no checkpoint yet")
+    if not start_over:
+        raise ValueError(f"{out} holds a run that cannot be resumed ({why}); set start_over=true to train "
+                         f"again from step 0 in it, or use another out_dir.")
+    if rank == 0:
+        (out / "metrics.jsonl").write_text("")
+        (out / "summary.json").unlink(missing_ok=True)
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl; a last line cut short by a crash is ignored, any other
+    unreadable line is an error naming the file and the line."""
+    lines = path.read_text().splitlines()
+    records = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if i == len(lines) - 1:
+                break  # an interrupted write
+            raise ValueError(f"{path} line {i + 1} is not a JSON record ({err}); fix or remove that line.") from err
+    return records
 
 
 def truncate_metrics(out: Path, step: int) -> None:
     """Drop records logged after the checkpoint we resume from, so the log reads as one run."""
     path = out / "metrics.jsonl"
     if path.is_file():
-        lines = path.read_text().splitlines()
-        keep = [line for line in lines if line and json.loads(line)["step"] <= step]
-        if keep != lines:
-            path.write_text("".join(line + "\n" for line in keep))
+        records = read_metrics(path)
+        keep = [r for r in records if r["step"] <= step]
+        if len(keep) != len(path.read_text().splitlines()):
+            path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+
+
+def finished_summary(out: Path, step: int) -> dict | None:
+    """The summary of a run already trained to `step` and exported, as it was written (not redone)."""
+    summary, exported = out / "summary.json", out / "generator" / "config.json"
+    if not (summary.is_file() and exported.is_file()):
+        return None
+    done = json.loads(summary.read_text())
+    return done if done.get("steps") == step else None
+
+
+def summarize(out: Path, step: int, seconds: float) -> dict:
+    """steps, the last logged loss and this session's seconds."""
+    path = out / "metrics.jsonl"
+    records = read_metrics(path) if path.is_file() else []
+    return {"steps": step, "final_loss": records[-1]["loss"] if records else None, "seconds": seconds}
 
 
 class Logger:
     """metrics.jsonl, a tqdm bar and TensorBoard scalars, on rank 0 only."""
 
     def __init__(self, cfg, out: Path, rank: int, start: int):
-        self.active, self.t0, self.start, self.last = rank == 0, time.perf_counter(), start, None
+        self.active, self.t0 = rank == 0, time.perf_counter()
         self.bar = self.tb = None
         if not self.active:
             return
@@ -134,7 +193,6 @@ class Logger:
         self.file = open(out / "metrics.jsonl", "a")
 
     def log(self, rec: dict) -> None:
-        self.last = rec
         if not self.active:
             return
         self.file.write(json.dumps(rec) + "\n")
@@ -151,16 +209,15 @@ class Logger:
         if self.bar is not None:
             self.bar.update(rec["step"] - self.bar.n)
 
-    def close(self) -> dict:
+    def close(self) -> float:
+        """Close the outputs; returns the seconds since the logger started."""
         if self.active:
             self.file.close()
             if self.bar is not None:
                 self.bar.close()
             if self.tb is not None:
                 self.tb.close()
-        last = self.last or {}
-        return {"steps": last.get("step", self.start), "final_loss": last.get("loss"),
-                "seconds": time.perf_counter() - self.t0}
+        return time.perf_counter() - self.t0
 
 
 def sample_grid(tr, name: str, per_class: int = 4) -> Path | None:
@@ -190,7 +247,7 @@ def plot_loss(out: Path) -> Path | None:
     path = out / "metrics.jsonl"
     if not path.is_file():
         return None
-    recs = [json.loads(line) for line in path.read_text().splitlines() if line]
+    recs = read_metrics(path)
     if not recs:
         return None
     import matplotlib
