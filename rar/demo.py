@@ -61,8 +61,9 @@ def sample_stage(out: Path, per_class: int, progress: bool) -> np.ndarray:
     npz = out / "samples.npz"
     model = load_generator(out / "rar" / "generator")
     tokenizer = load_any_tokenizer(out / "tokenizer" / "tokenizer").eval()
+    # overwrite: samples of an earlier generator (e.g. a --quick run continued) are redone, not kept
     res = sample_eval(model, tokenizer, npz, num_per_class=per_class, seed=0, batch_size=250, chunk_size=500,
-                      progress=progress)
+                      progress=progress, overwrite=True)
     if not res.get("complete"):
         assemble_npz(npz, res["total"], 500)
     with np.load(npz) as z:

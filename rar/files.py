@@ -48,7 +48,7 @@ def dataclass_from_dict(cls, d: Mapping):
     return cls(**d)
 
 
-def _shape_of(value) -> list | str:
+def shape_of(value) -> list | str:
     return list(value.shape) if torch.is_tensor(value) else f"a {type(value).__name__}, not a tensor"
 
 
@@ -60,11 +60,11 @@ def check_state_dict(sd: Mapping, expected: Mapping[str, tuple[int, ...]], what:
         raise ValueError(f"{what}: missing key {missing[0]!r} (expected shape {list(expected[missing[0]])})"
                          + (f" and {len(missing) - 1} more" if len(missing) > 1 else "") + ".")
     if unexpected:
-        raise ValueError(f"{what}: unexpected key {unexpected[0]!r} with shape {_shape_of(sd[unexpected[0]])}"
+        raise ValueError(f"{what}: unexpected key {unexpected[0]!r} with shape {shape_of(sd[unexpected[0]])}"
                          + (f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else "") + ".")
     for k, shape in expected.items():
         if not torch.is_tensor(sd[k]) or tuple(sd[k].shape) != tuple(shape):
-            raise ValueError(f"{what}: key {k!r} has shape {_shape_of(sd[k])}, expected {list(shape)}.")
+            raise ValueError(f"{what}: key {k!r} has shape {shape_of(sd[k])}, expected {list(shape)}.")
 
 
 def load_strict(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], what: str, assign: bool = False) -> None:

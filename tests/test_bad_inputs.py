@@ -25,7 +25,7 @@ OUTCOMES: dict[str, str] = {}
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("bad")
     torch.manual_seed(0)
-    gen = RAR(RARConfig.preset("tiny", hidden_size=32, num_layers=1, num_heads=2, mlp_size=64)).eval()
+    gen = RAR.from_preset("tiny", hidden_size=32, num_layers=1, num_heads=2, mlp_size=64).eval()
     save_generator(gen, d / "gen")
     save_tokenizer(VQGAN(VQGANConfig.preset("digits_f4_32")).eval(), d / "tok")
     (d / "empty.bin").write_bytes(b"")
@@ -231,6 +231,10 @@ def test_sample_eval_refuses_to_mix_settings_and_overwrite_redoes(files, tmp_pat
     with np.load(out) as z:
         assert np.array_equal(z["arr_0"], first) and z["arr_1"].tolist() == [0, 0, 1, 1]
     assert not chunk_path(out, 0).parent.exists()
+    legacy = tmp_path / "legacy.npz"
+    np.savez(legacy, arr_0=first, arr_1=np.array([0, 0, 1, 1]))  # written by another tool or an older rar
+    code, err = run_cli([*base[:6], legacy, *base[7:], "--seed", "1"], capsys)
+    assert code == 2 and "records no settings" in err
     OUTCOMES["sample-eval mixed settings"] = "clear"
 
 
@@ -254,11 +258,13 @@ def test_train_resume_never_mixes_runs_and_a_finished_run_is_left_alone(files, t
     assert code == 2 and "cannot be resumed" in err and "start_over" in err
     assert run_cli([*argv, "max_steps=8", "start_over=true"], capsys)[0] == 0
     assert [r["step"] for r in read_metrics(run / "metrics.jsonl")] == list(range(1, 9))  # one run, not two
+    assert sorted(p.name for p in (run / "checkpoints-before-start-over").iterdir()) == ["step-0000004", "step-0000006"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-0000006", "step-0000008"]
     fresh = tmp_path / "fresh"
     (fresh).mkdir()
     (fresh / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')  # logged, but no checkpoint
     code, err = run_cli([*argv[:-2], f"out_dir={fresh}", "max_steps=2"], capsys)
-    assert code == 2 and "no checkpoint yet" in err
+    assert code == 2 and "no checkpoint was written yet" in err
     OUTCOMES["train resume"] = "clear"
 
 

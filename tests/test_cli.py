@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def tiny_files(tmp_path_factory):
     d = tmp_path_factory.mktemp("cli")
     torch.manual_seed(0)
-    gen = RAR(RARConfig.preset("tiny", hidden_size=32, num_layers=2, num_heads=2, mlp_size=64)).eval()
+    gen = RAR.from_preset("tiny", hidden_size=32, num_layers=2, num_heads=2, mlp_size=64).eval()
     save_generator(gen, d / "gen", extra={"class_names": [f"digit_{i}" for i in range(10)]})
     save_tokenizer(VQGAN(VQGANConfig.preset("digits_f4_32")).eval(), d / "tok")
     return d

@@ -139,6 +139,16 @@ def test_official_file_round_trip(tmp_path, rar_reference):
     assert (logits - rar_reference["train_logits"][:, :16]).abs().max() <= 1e-4
 
 
+def test_from_preset_keeps_the_preset_parts_when_sizes_change():
+    from rar.model.config import PRESETS
+
+    tiny = PRESETS["tiny"]
+    model = RAR.from_preset("tiny", num_classes=100)
+    assert model.config == tiny.config.replace(num_classes=100)
+    assert (model.sampling, model.regularization) == (tiny.sampling, tiny.regularization)
+    assert RAR(RARConfig.preset("tiny")).sampling == tiny.sampling  # an exact preset is recognised
+
+
 def test_fresh_model_init_matches_official_rules():
     torch.manual_seed(0)
     model = RAR(RARConfig.preset("tiny"))

@@ -18,7 +18,7 @@ KW = dict(num_classes=3, num_per_class=4, seed=5, batch_size=3, chunk_size=2, pr
 
 def make_models(tmp_path):
     torch.manual_seed(0)
-    gen = RAR(RARConfig.preset("tiny", hidden_size=32, num_layers=2, num_heads=2, mlp_size=64)).eval()
+    gen = RAR.from_preset("tiny", hidden_size=32, num_layers=2, num_heads=2, mlp_size=64).eval()
     with torch.no_grad():
         for p in gen.parameters():
             p.add_(torch.randn_like(p) * 0.05)

@@ -128,8 +128,11 @@ def test_project_format_roundtrip_and_dispatch(vqgan_reference, tiny, tmp_path):
     torch.save(vqgan_reference["state_dict"], tmp_path / "official.bin")
     official = load_any_tokenizer(tmp_path / "official.bin")
     assert torch.equal(official.encode(vqgan_reference["images"]), vqgan_reference["codes"])
+    (tmp_path / "weights.txt").write_text("not weights")
     with pytest.raises(ValueError, match="neither"):
         load_any_tokenizer(tmp_path / "weights.txt")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_any_tokenizer(tmp_path / "missing.bin")
 
 
 def test_bad_inputs_named(tiny):

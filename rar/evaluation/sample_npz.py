@@ -27,7 +27,7 @@ import torch
 
 from ..data.images import to_uint8
 from ..files import ensure_writable_dir
-from ..sampling.decoder import DecodeBackend
+from ..sampling.decoder import DecodeBackend, decode_dtype
 from ..sampling.sampler import as_backend, generate, resolve_settings
 from ..tokenizer.vqgan import state_dict_sha256
 
@@ -72,7 +72,8 @@ def eval_settings(model, tokenizer, *, num_classes: int, num_per_class: int, see
     weights = model.model if isinstance(model, DecodeBackend) else model
     order = sampling.pop("order", None)
     resolved = resolve_settings(weights.sampling, **sampling)
-    return {"generator_sha256": state_dict_sha256(weights), "generator_dtype": str(next(weights.parameters()).dtype),
+    computes_in = model.dtype if isinstance(model, DecodeBackend) else decode_dtype(weights)
+    return {"generator_sha256": state_dict_sha256(weights), "decode_dtype": str(computes_in),
             "tokenizer_sha256": state_dict_sha256(tokenizer), "seed": int(seed), "num_classes": int(num_classes),
             "num_per_class": int(num_per_class), "chunk_size": int(chunk_size),
             "order": None if order is None else (order if isinstance(order, str) else torch.as_tensor(order).tolist()),
@@ -93,17 +94,24 @@ def _differences(found: dict | None, wanted: dict) -> str:
     return "; ".join(f"{k} {short(found.get(k))!r} there, {short(wanted[k])!r} now" for k in keys)
 
 
-def _check_existing(out: Path, wanted: dict, overwrite: bool) -> bool:
+def _check_existing(out: Path, wanted: dict, overwrite: bool, rank: int, world_size: int) -> bool:
     """Whether `out` is already complete with these settings. Chunks (or a final file) made with
-    other settings are an error naming the differences, unless `overwrite`; then they are redone."""
+    other settings are an error naming the differences, unless `overwrite`: then each rank deletes
+    the differing chunks it owns (rank 0 those no rank owns), and the final file is replaced."""
     files = ([out] if out.is_file() else []) + sorted(Path(f"{out}.chunks").glob("chunk-*.npz"))
+    n_chunks = -(-wanted["num_classes"] * wanted["num_per_class"] // wanted["chunk_size"])
     for f in files:
-        diff = _differences(read_settings(f), wanted)
+        try:
+            diff = _differences(read_settings(f), wanted)
+        except FileNotFoundError:
+            continue  # deleted by another rank meanwhile
         if diff and not overwrite:
             raise ValueError(f"{f} was made with other settings ({diff}); run with the same settings to finish "
                              f"it, choose another output, or pass --overwrite (overwrite=True) to redo it.")
-        if diff and f != out:
-            f.unlink(missing_ok=True)  # another rank may have removed it first
+        c = int(f.stem.split("-")[1]) if f != out else None
+        owner = (c % world_size if c < n_chunks else 0) if c is not None else None
+        if diff and owner == rank:
+            f.unlink(missing_ok=True)
     return out.is_file() and not _differences(read_settings(out), wanted)
 
 
@@ -129,7 +137,7 @@ def sample_eval(model, tokenizer, out_npz, *, num_per_class: int = 50, num_class
     wanted = eval_settings(model, tokenizer, num_classes=num_classes, num_per_class=num_per_class, seed=seed,
                            chunk_size=chunk_size, **sampling)
     base = {"total": total, "total_chunks": n_chunks, "settings": wanted}
-    if _check_existing(out, wanted, overwrite):  # assembled by an earlier run: nothing left to do
+    if _check_existing(out, wanted, overwrite, rank, world_size):  # assembled earlier: nothing left to do
         return {**base, "chunks_done": 0, "chunks_skipped": 0, "images": 0, "seconds": 0.0, "complete": True}
     ensure_writable_dir(Path(f"{out}.chunks"), "sample-eval chunk folder")  # before any sampling
     chunks = [c for c in range(n_chunks) if c % world_size == rank]
@@ -174,7 +182,7 @@ def assemble_npz(out_npz, total: int, chunk_size: int, keep_chunks: bool = False
     arrays = {"arr_0": np.concatenate(images), "arr_1": np.concatenate(labels)}
     write_npz(out, arrays if settings is None else {**arrays, SETTINGS_KEY: np.array(settings)})
     if not keep_chunks:
-        for f in Path(f"{out}.chunks").glob("chunk-*.npz"):
+        for f in Path(f"{out}.chunks").glob("chunk-*"):  # (with any .tmp a crash left behind)
             f.unlink()
         Path(f"{out}.chunks").rmdir()
     return out

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
-from .config import Preset, RARConfig, Regularization, SamplingDefaults, preset_for
+from .config import Preset, RARConfig, Regularization, SamplingDefaults, get_preset, preset_for
 
 PREFIX = 2  # [cls] and [class] come before the image tokens
 NORM_EPS = 1e-6  # every LayerNorm of the model (blocks, qk-norm, head), as upstream
@@ -235,6 +235,14 @@ class RAR(nn.Module):
         self.adaln_before_head = FinalLayer(d)
         self.lm_head = nn.Linear(d, V)
         self.reset_parameters()
+
+    @classmethod
+    def from_preset(cls, name: str, **sizes) -> "RAR":
+        """A fresh model of preset `name`, some sizes changed by `sizes` (e.g. num_classes=100), with
+        the preset's dropouts and sampling defaults (a bare `RAR(config)` finds them only when the
+        config is exactly a preset's)."""
+        preset = get_preset(name)
+        return cls(preset.config.replace(**sizes), preset.regularization, preset.sampling)
 
     def reset_parameters(self) -> None:
         """The official init: truncated normal(0.02) for linear/embedding weights and position

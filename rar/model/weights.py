@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..files import check_state_dict, load_strict, read_folder, read_state_dict, save_folder
+from ..files import check_state_dict, dataclass_from_dict, load_strict, read_folder, read_state_dict, save_folder
 from .config import ARCHITECTURE_FIELDS, Preset, RARConfig, Regularization, SamplingDefaults, preset_for, split_flat_config
 from .transformer import PREFIX, RAR
 
@@ -117,15 +117,20 @@ def save_generator(model: RAR, path: str | os.PathLike, extra: dict | None = Non
     return save_folder(model, path, meta)
 
 
-def _folder_configs(meta: dict) -> Preset:
+def _folder_configs(meta: dict, what: str) -> Preset:
     """The three config parts of a saved folder, in the current or the version-1 (flat) layout."""
-    if meta.get("version", 1) == 1:
-        config, reg, samp = split_flat_config(meta["config"])
-        return Preset(config, samp or SamplingDefaults(), reg or Regularization())
-    config = RARConfig.from_dict(meta["config"])
-    fallback = preset_for(config) or Preset(config)
-    return Preset(config, SamplingDefaults(**meta["sampling"]) if "sampling" in meta else fallback.sampling,
-                  Regularization(**meta["regularization"]) if "regularization" in meta else fallback.regularization)
+    try:
+        if meta.get("version", 1) == 1:
+            config, reg, samp = split_flat_config(meta["config"])
+            return Preset(config, samp or SamplingDefaults(), reg or Regularization())
+        config = RARConfig.from_dict(meta["config"])
+        fallback = preset_for(config) or Preset(config)
+        return Preset(config,
+                      dataclass_from_dict(SamplingDefaults, meta["sampling"]) if "sampling" in meta else fallback.sampling,
+                      dataclass_from_dict(Regularization, meta["regularization"]) if "regularization" in meta
+                      else fallback.regularization)
+    except (KeyError, TypeError, AttributeError) as err:
+        raise ValueError(f"{what}: config.json is not a generator config ({type(err).__name__}: {err}).") from None
 
 
 def load_generator(path: str | os.PathLike, config: RARConfig | None = None, map_location="cpu") -> RAR:
@@ -138,7 +143,7 @@ def load_generator(path: str | os.PathLike, config: RARConfig | None = None, map
                                 "rar_b.bin (HuggingFace hub repo yucornetto/RAR) or a folder written by rar train.")
     what = f"generator {str(path)!r}"
     meta, sd, _ = read_folder(path, FORMAT_NAME, what, map_location)
-    saved = _folder_configs(meta)
+    saved = _folder_configs(meta, what)
     if config is not None:
         check_sizes(config, saved.config, what)
     with torch.device("meta"):

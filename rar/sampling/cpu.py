@@ -26,7 +26,6 @@ import torch.nn.functional as F
 
 GEMV_ROWS = (2,)  # fp32 row counts that stream weights through mm(W, x.t()) ...
 GEMV_K_CHUNK = 1024  # ... in column blocks of at most this width (a wider row of W reads slower)
-KERNELS = ("gemv", "onednn", "aten")
 
 
 @dataclass(frozen=True)
@@ -59,11 +58,12 @@ class CPUCapability:
 
     def compiler_flags(self) -> list[str]:
         """Instruction-set flags for the compiled attention kernel: the ISA torch dispatches to,
-        so that the kernel never uses an instruction the CPU (or its emulation) lacks."""
+        so that the kernel never uses an instruction the CPU (or its emulation) lacks. Explicit
+        -m flags rather than -march=x86-64-vN, which GCC < 11 does not know."""
         if self.machine not in ("x86_64", "amd64"):
             return []
-        return {"AVX512": ["-march=x86-64-v4", "-mtune=generic"],
-                "AVX2": ["-march=x86-64-v3", "-mtune=generic"]}.get(self.isa, ["-march=x86-64-v2", "-mtune=generic"])
+        avx2 = ["-mavx2", "-mfma", "-mf16c"]
+        return {"AVX512": [*avx2, "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"], "AVX2": avx2}.get(self.isa, [])
 
     def describe(self) -> str:
         return (f"{self.machine} {self.isa}, oneDNN {'yes' if self.onednn else 'no'}, "

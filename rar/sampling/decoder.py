@@ -23,6 +23,7 @@ from typing import Callable, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from ..model.config import RARConfig
 from ..model.transformer import RAR, BlockModulation, HeadModulation
 from . import attention_kernel
 from .cpu import CPUCapability, DecodeLinear
@@ -38,9 +39,10 @@ class KVCache:
     """Preallocated keys and values of every block for one batch (LlamaGen-style static cache):
     the decode step writes position p's keys and values at slot p and attends to slots 0..p."""
 
-    def __init__(self, num_layers: int, batch_size: int, num_heads: int, max_len: int, head_dim: int,
-                 device=None, dtype: torch.dtype = torch.float32):
-        shape = (num_layers, batch_size, num_heads, max_len, head_dim)
+    def __init__(self, config: RARConfig, batch_size: int, max_len: int | None = None, device=None,
+                 dtype: torch.dtype = torch.float32):
+        max_len = max_len or config.num_tokens + 1  # [cls], [class] and T - 1 tokens
+        shape = (config.num_layers, batch_size, config.num_heads, max_len, config.head_dim)
         self.keys = torch.zeros(shape, device=device, dtype=dtype)  # (layers, B, H, S, Dh)
         self.values = torch.zeros(shape, device=device, dtype=dtype)
 
@@ -159,6 +161,12 @@ def _converted(model: RAR, device, dtype) -> RAR:
     return copy.deepcopy(model).to(device=device, dtype=dtype).eval()  # the caller's model stays as it is
 
 
+def decode_dtype(model: RAR) -> torch.dtype:
+    """The dtype `prepare(model)` decodes in: the model's, except bf16 on a CPU without oneDNN bf16."""
+    p = next(model.parameters())
+    return CPUCapability.detect().compute_dtype(p.dtype) if p.device.type == "cpu" else p.dtype
+
+
 def prepare(model: RAR, *, device=None, dtype: torch.dtype | None = None, rows: int | None = None,
             attention_kernel: bool = True, packed: bool = True,
             capability: CPUCapability | None = None) -> DecodeBackend:
@@ -240,10 +248,8 @@ class CachedDecoder:
     def __init__(self, backend: DecodeBackend, rows: torch.Tensor, order: torch.Tensor):
         cfg, model = backend.config, backend.model
         self.backend, self.model, self.rows, self.order = backend, model, rows, order
-        max_len = cfg.num_tokens + 1  # [cls], [class] and T - 1 tokens
-        self.cache = KVCache(cfg.num_layers, rows.shape[0], cfg.num_heads, max_len, cfg.head_dim,
-                             device=rows.device, dtype=backend.dtype)
-        fits = max_len <= attention_kernel.MAX_LENGTH
+        self.cache = KVCache(cfg, rows.shape[0], device=rows.device, dtype=backend.dtype)
+        fits = self.cache.keys.shape[3] <= attention_kernel.MAX_LENGTH
         self.attention = backend.attention if fits else single_query_attention
         # Distinct labels only (with guidance all unconditional rows share one label).
         self.labels, self.inverse = torch.unique(rows, return_inverse=True)  # (U,), (R,)

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..files import dataclass_from_dict, load_strict, read_folder, read_state_dict, save_folder
+from ..files import dataclass_from_dict, load_strict, read_folder, read_state_dict, save_folder, shape_of
 
 OFFICIAL_FILENAME = "maskgit-vqgan-imagenet-f16-256.bin"
 OFFICIAL_HUB_REPO = "fun-research/TiTok"
@@ -276,7 +276,7 @@ def infer_config(state: Mapping[str, torch.Tensor], resolution: int = 256) -> VQ
         if key not in state:
             raise ValueError(f"cannot infer the tokenizer configuration: key {key!r} is missing from the checkpoint.")
         if not torch.is_tensor(state[key]):
-            raise ValueError(f"checkpoint key {key!r} is {_shape(state[key])}.")
+            raise ValueError(f"checkpoint key {key!r} is {shape_of(state[key])}.")
         return tuple(state[key].shape)
 
     hidden, channels = shape("encoder.conv_in.weight")[:2]
@@ -296,10 +296,6 @@ def infer_config(state: Mapping[str, torch.Tensor], resolution: int = 256) -> VQ
     if dim != z:
         raise ValueError(f"quantize.embedding.weight has width {dim} but encoder.conv_out.weight gives z={z}.")
     return VQGANConfig(int(hidden), tuple(mult), len(blocks), int(z), resolution, int(k), int(channels))
-
-
-def _shape(value) -> object:
-    return list(value.shape) if torch.is_tensor(value) else f"a {type(value).__name__}, not a tensor"
 
 
 FORMAT_NAME = "rar-vqgan"

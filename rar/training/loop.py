@@ -106,7 +106,7 @@ class Trainer:
         torch.manual_seed(mix_seed(cfg.seed, self.rank, 2))  # dropout masks differ per rank
 
     def resume(self) -> None:
-        state = run_folder.latest_checkpoint(self.out, self.rank)
+        state = run_folder.latest_checkpoint(self.out, self.rank, self.device)
         if state is None:
             run_folder.check_fresh_start(self.out, self.rank, self.cfg.start_over)
             return
@@ -171,6 +171,7 @@ def train(cfg: TrainConfig, on_step=None) -> dict:
     tr.resume()
     if tr.step >= cfg.max_steps and (done := run_folder.finished_summary(tr.out, tr.step)) is not None:
         return done  # a finished run: nothing to train, nothing rewritten
+    run_folder.write_config(cfg, tr.out, tr.rank)
     tr.wrap()
     logger = run_folder.Logger(cfg, tr.out, tr.rank, start=tr.step)
     tokens_per_step = cfg.batch_size * tr.raw.config.num_tokens

@@ -26,9 +26,8 @@ def _barrier() -> None:
 
 
 def prepare_out_dir(cfg, out: Path, rank: int) -> None:
-    """Create the run folder and write the resolved config; a resumed run must use the same
-    config except for the keys in RESUMABLE_CHANGES. Every rank checks (so that all stop alike);
-    rank 0 writes."""
+    """Check the run folder: writable, and a resumed run uses the same config except for the keys
+    in RESUMABLE_CHANGES. Every rank checks, so that all stop alike (`write_config` writes it)."""
     from .config import RESUMABLE_CHANGES, TrainConfig
 
     saved_path = out / "config.yaml"
@@ -38,11 +37,14 @@ def prepare_out_dir(cfg, out: Path, rank: int) -> None:
             if key.split(".")[0] not in RESUMABLE_CHANGES and saved.get(key) != value:
                 raise ValueError(f"{out} holds a run with {key}={saved.get(key)!r}, but this config has "
                                  f"{key}={value!r}; use another out_dir or the same config to resume.")
+    ensure_writable_dir(out, "out_dir")  # every rank, so that all stop alike (the probe names differ)
     _barrier()
+
+
+def write_config(cfg, out: Path, rank: int) -> None:
+    """The resolved config as out_dir/config.yaml (rank 0)."""
     if rank == 0:
-        ensure_writable_dir(out, "out_dir")
-        save_config(cfg, saved_path)
-    _barrier()
+        save_config(cfg, out / "config.yaml")
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -93,41 +95,59 @@ def save_checkpoint(tr, rec: dict) -> Path:
     return final
 
 
-def latest_checkpoint(out: Path, rank: int) -> dict | None:
-    """The newest complete checkpoint that loads, with this rank's RNG state under "rng"."""
+def _load_checkpoint(folder: Path, rank: int) -> dict | str:
+    """The checkpoint's state with this rank's RNG state under "rng", or why it cannot resume exactly."""
+    try:
+        state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - unreadable: an older checkpoint is used instead
+        return f"unreadable state.pt ({str(err).splitlines()[0] if str(err) else type(err).__name__})"
+    rng_file = folder / f"rng-{rank}.pt"
+    try:
+        state["rng"] = torch.load(rng_file, weights_only=True) if rng_file.is_file() else None
+        if state["rng"] is not None and not torch.is_tensor(state["rng"].get("cpu")):
+            raise ValueError("no CPU generator state in it")
+    except Exception as err:  # noqa: BLE001 - a damaged RNG file: the run would not continue exactly
+        return f"unreadable {rng_file.name} ({str(err).splitlines()[0] if str(err) else type(err).__name__})"
+    return state
+
+
+def latest_checkpoint(out: Path, rank: int, device=None) -> dict | None:
+    """The newest complete checkpoint that loads on every rank (the ranks agree on it, so that all
+    resume from the same step), with this rank's RNG state under "rng"; None if there is none."""
     for folder in sorted((out / "checkpoints").glob("step-*[0-9]"), reverse=True):
-        try:
-            state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - an unreadable checkpoint: fall back to an older one
-            print(f"warning: skipping unreadable checkpoint {folder}: {err}")
-            continue
-        rng_file = folder / f"rng-{rank}.pt"
-        try:
-            state["rng"] = torch.load(rng_file, weights_only=True) if rng_file.is_file() else None
-            if state["rng"] is not None and not torch.is_tensor(state["rng"].get("cpu")):
-                raise ValueError("no CPU generator state in it")
-        except Exception as err:  # noqa: BLE001 - its RNG file is damaged: this checkpoint cannot resume exactly
-            print(f"warning: skipping checkpoint {folder}: unreadable {rng_file.name}: {err}")
-            continue
-        return state
+        state = _load_checkpoint(folder, rank)
+        usable = torch.tensor([isinstance(state, dict)], dtype=torch.int32, device=device)
+        if dist.is_initialized():
+            dist.all_reduce(usable, op=dist.ReduceOp.MIN)
+        if usable.item():
+            return state
+        print(f"warning: rank {rank} skips checkpoint {folder}: "
+              + (state if isinstance(state, str) else "another rank cannot load it"))
     return None
 
 
 def check_fresh_start(out: Path, rank: int, start_over: bool) -> None:
     """Before step 0 in a folder that already holds a run: an error saying why it cannot resume,
-    unless `start_over` (then rank 0 clears its metrics.jsonl so that two runs never mix)."""
-    logged = read_metrics(out / "metrics.jsonl") if (out / "metrics.jsonl").is_file() else []
-    saved = sorted((out / "checkpoints").glob("step-*[0-9]"))
+    unless `start_over`. Then rank 0 clears metrics.jsonl (two runs never mix in one log) and moves
+    the unusable checkpoints aside to `checkpoints-before-start-over*/` (nothing is deleted)."""
+    metrics, saved = out / "metrics.jsonl", sorted((out / "checkpoints").glob("step-*[0-9]"))
+    logged = metrics.is_file() and metrics.stat().st_size > 0
     if not logged and not saved:
         return
-    why = (f"none of its {len(saved)} checkpoints loads" if saved
-           else f"it logged {len(logged)} records but wrote no checkpoint yet")
     if not start_over:
+        why = (f"none of its {len(saved)} checkpoints loads" if saved
+               else f"{metrics} has records but no checkpoint was written yet")
         raise ValueError(f"{out} holds a run that cannot be resumed ({why}); set start_over=true to train "
                          f"again from step 0 in it, or use another out_dir.")
     if rank == 0:
-        (out / "metrics.jsonl").write_text("")
+        metrics.write_text("")
         (out / "summary.json").unlink(missing_ok=True)
+        if saved:
+            aside, n = out / "checkpoints-before-start-over", 1
+            while aside.exists():
+                aside, n = out / f"checkpoints-before-start-over-{n}", n + 1
+            (out / "checkpoints").rename(aside)
+    _barrier()
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -162,8 +182,11 @@ def finished_summary(out: Path, step: int) -> dict | None:
     summary, exported = out / "summary.json", out / "generator" / "config.json"
     if not (summary.is_file() and exported.is_file()):
         return None
-    done = json.loads(summary.read_text())
-    return done if done.get("steps") == step else None
+    try:
+        done = json.loads(summary.read_text())
+    except json.JSONDecodeError:
+        return None  # damaged: the export is redone and summary.json rewritten
+    return done if isinstance(done, dict) and done.get("steps") == step else None
 
 
 def summarize(out: Path, step: int, seconds: float) -> dict:
