@@ -209,3 +209,42 @@ def test_two_processes_accept_every_option_one_process_does(tmp_path, options):
     assert run.returncode == 0, run.stderr[-3000:]
     losses = [r["loss"] for r in read_metrics(tmp_path / "run")]
     assert len(losses) == 3 and all(0 < x < 10 for x in losses)
+
+
+def test_losses_do_not_depend_on_the_thread_count(tmp_path):
+    """The thread governor may change the CPU thread count during a run; the losses must not change."""
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        losses = []
+        for n in (1, 2):
+            train(small_config(tmp_path / f"t{n}", "max_steps=5", f"num_threads={n}", "model.dropout=0.1"))
+            losses.append([r["loss"] for r in read_metrics(tmp_path / f"t{n}")])
+    finally:
+        torch.set_num_threads(threads)
+    assert losses[0] == losses[1]
+
+
+def test_thread_governor_drops_a_thread_under_contention_and_returns():
+    from rar.training.threads import ThreadGovernor
+
+    counts = []
+    gov = ThreadGovernor(2, window=2, reprobe=4, set_threads=counts.append)
+    speed = {2: 1.0, 1: 1.6}  # idle: 2 threads faster
+
+    def run(windows):
+        for _ in range(2 * windows):
+            gov.step_done(speed[gov.current])
+    run(3)
+    assert gov.current == 2
+    speed[2] = 3.6  # another process busy on one core: 2 threads wait on each other
+    run(3)
+    assert gov.current == 1 and counts[-1] == 1
+    speed[2] = 1.0  # the competitor is gone: a later probe returns to 2 threads
+    run(8)
+    assert gov.current == 2
+    loaded = ThreadGovernor(2, window=2, reprobe=100, set_threads=lambda n: None)
+    for _ in range(8):  # under load from the first step: found by the early probe, not only later
+        loaded.step_done({2: 3.6, 1: 1.6}[loaded.current])
+    assert loaded.current == 1

@@ -103,6 +103,9 @@ class TrainConfig:
     checkpointing: str = "selective"
     tf32: bool = True
     device: str = "auto"  # auto | cpu | cuda
+    # CPU threads: None adapts between torch's count and fewer while other processes compete for the
+    # cores (rar.training.threads; results do not change); a number fixes it.
+    num_threads: Optional[int] = None
     tensorboard: bool = True
     progress: bool = True
     # An out_dir holding a run that cannot be resumed (no checkpoint loads, or logged steps but no
@@ -126,6 +129,8 @@ class TrainConfig:
                  f"divisible by grad_accum ({self.grad_accum})")
         _require(self.sample_every >= 0, "sample_every", self.sample_every, ">= 0 (0: only at the end)")
         _require(self.seed >= 0, "seed", self.seed, ">= 0")
+        _require(self.num_threads is None or self.num_threads > 0, "num_threads", self.num_threads,
+                 "a positive integer (or unset: adapt)")
         _require(all(c >= 0 for c in self.sample_classes), "sample_classes", self.sample_classes, "class ids >= 0")
         _require(bool(self.out_dir), "out_dir", self.out_dir, "a folder path")
         _require(self.data.synthetic or bool(self.data.path), "data.path", self.data.path,
@@ -151,7 +156,8 @@ def _is_device(name: str) -> bool:
 
 # Keys that may change when a run is resumed (the rest must match the saved config).
 RESUMABLE_CHANGES = {"max_steps", "save_every", "keep_last", "log_every", "sample_every", "progress",
-                     "tensorboard", "device", "compile", "sample_classes", "checkpointing", "start_over"}
+                     "tensorboard", "device", "compile", "sample_classes", "checkpointing", "start_over",
+                     "num_threads"}
 
 
 def model_preset(cfg: TrainConfig, num_tokens: int, codebook_size: int, num_classes: int) -> Preset:

@@ -26,6 +26,7 @@ from ..model.transformer import RAR
 from ..model.weights import save_generator
 from . import run_folder
 from .config import OptimSection, TrainConfig, model_preset
+from .threads import ThreadGovernor
 
 
 def compute_loss(model, tokens: torch.Tensor, labels: torch.Tensor, orders: torch.Tensor,
@@ -174,10 +175,37 @@ def train(cfg: TrainConfig, on_step=None) -> dict:
     run_folder.write_config(cfg, tr.out, tr.rank)
     tr.wrap()
     logger = run_folder.Logger(cfg, tr.out, tr.rank, start=tr.step)
+    threads = torch.get_num_threads()
+    try:
+        _train_steps(cfg, tr, logger, on_step)
+    finally:
+        torch.set_num_threads(threads)
+    summary = run_folder.summarize(tr.out, tr.step, logger.close())
+    if tr.rank == 0:
+        save_generator(tr.raw, tr.out / "generator", extra={"class_names": tr.data.class_names,
+                                                            "tokenizer": tr.data.tokenizer, "steps": tr.step})
+        run_folder.sample_grid(tr, "samples/final.png")
+        run_folder.plot_loss(tr.out)
+        (tr.out / "summary.json").write_text(json.dumps(summary, indent=2))
+    if dist.is_initialized():
+        dist.barrier()
+    return summary
+
+
+def _train_steps(cfg: TrainConfig, tr: Trainer, logger, on_step) -> None:
+    """The steps from tr.step to max_steps: log, save, sample; CPU threads fixed or governed."""
+    governor = None
+    if cfg.num_threads is not None:
+        torch.set_num_threads(cfg.num_threads)
+    elif tr.device.type == "cpu":
+        governor = ThreadGovernor(torch.get_num_threads())
     tokens_per_step = cfg.batch_size * tr.raw.config.num_tokens
     last_t, last_step = time.perf_counter(), tr.step
     while tr.step < cfg.max_steps:
+        t0 = time.perf_counter()
         rec = tr.train_step()
+        if governor is not None:
+            governor.step_done(time.perf_counter() - t0)
         if tr.step % cfg.log_every == 0 or tr.step == cfg.max_steps:
             now = time.perf_counter()
             rec["tokens_per_s"] = tokens_per_step * (tr.step - last_step) / max(now - last_t, 1e-9)
@@ -190,14 +218,3 @@ def train(cfg: TrainConfig, on_step=None) -> dict:
             run_folder.sample_grid(tr, f"samples/step-{tr.step:07d}.png")
         if on_step is not None:
             on_step(tr.step)
-    seconds = logger.close()
-    summary = run_folder.summarize(tr.out, tr.step, seconds)
-    if tr.rank == 0:
-        save_generator(tr.raw, tr.out / "generator", extra={"class_names": tr.data.class_names,
-                                                            "tokenizer": tr.data.tokenizer, "steps": tr.step})
-        run_folder.sample_grid(tr, "samples/final.png")
-        run_folder.plot_loss(tr.out)
-        (tr.out / "summary.json").write_text(json.dumps(summary, indent=2))
-    if dist.is_initialized():
-        dist.barrier()
-    return summary
