@@ -248,3 +248,21 @@ def test_thread_governor_drops_a_thread_under_contention_and_returns():
     for _ in range(8):  # under load from the first step: found by the early probe, not only later
         loaded.step_done({2: 3.6, 1: 1.6}[loaded.current])
     assert loaded.current == 1
+
+
+def test_one_run_per_out_dir_and_a_dead_runs_lock_is_taken_over(tmp_path):
+    import socket
+
+    run = tmp_path / "run"
+    run.mkdir()
+    other = subprocess.Popen(["sleep", "60"])  # stands for a training run still going
+    try:
+        (run / ".train.lock").write_text(json.dumps({"pid": other.pid, "host": socket.gethostname()}))
+        with pytest.raises(ValueError, match=f"in use by another training run \\(pid {other.pid}"):
+            train(small_config(run, "max_steps=2"))
+        assert not (run / "metrics.jsonl").exists()
+    finally:
+        other.kill()
+        other.wait()
+    assert train(small_config(run, "max_steps=2"))["steps"] == 2  # its process is gone: taken over
+    assert not (run / ".train.lock").exists()  # released at the end

@@ -169,6 +169,15 @@ def train(cfg: TrainConfig, on_step=None) -> dict:
     every optimizer step (tests use it to kill the process at a chosen step)."""
     tr = Trainer(cfg)
     run_folder.prepare_out_dir(cfg, tr.out, tr.rank)
+    run_folder.acquire_lock(tr.out, tr.rank, tr.device)
+    try:
+        return _run(cfg, tr, on_step)
+    finally:
+        run_folder.release_lock(tr.out, tr.rank)
+
+
+def _run(cfg: TrainConfig, tr: Trainer, on_step) -> dict:
+    """Resume, train the remaining steps, export; a finished run is returned as it is."""
     tr.resume()
     if tr.step >= cfg.max_steps and (done := run_folder.finished_summary(tr.out, tr.step)) is not None:
         return done  # a finished run: nothing to train, nothing rewritten

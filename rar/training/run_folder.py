@@ -9,7 +9,9 @@ that a restart would pick up.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
 import time
 from pathlib import Path
 
@@ -39,6 +41,58 @@ def prepare_out_dir(cfg, out: Path, rank: int) -> None:
                                  f"{key}={value!r}; use another out_dir or the same config to resume.")
     ensure_writable_dir(out, "out_dir")  # every rank, so that all stop alike (the probe names differ)
     _barrier()
+
+
+LOCK_NAME = ".train.lock"
+
+
+def acquire_lock(out: Path, rank: int, device=None) -> None:
+    """One training run per out_dir (two would mix their checkpoints and logs): rank 0 creates
+    out_dir/.train.lock; a lock left by a process that no longer runs on this host is taken over.
+    Every rank raises alike when another run holds it."""
+    held_by = _try_lock(out / LOCK_NAME) if rank == 0 else None
+    free = torch.tensor([held_by is None], dtype=torch.int32, device=device)
+    if dist.is_initialized():
+        dist.broadcast(free, src=0)
+    if not free.item():
+        raise ValueError(f"{out} is in use by another training run ({held_by or 'reported by rank 0'}); wait for it, "
+                         f"use another out_dir, or delete {out / LOCK_NAME} if that run is gone.")
+
+
+def release_lock(out: Path, rank: int) -> None:
+    if rank == 0:
+        (out / LOCK_NAME).unlink(missing_ok=True)
+
+
+def _try_lock(path: Path) -> str | None:
+    """None when this process now holds the lock, else who holds it."""
+    me = {"pid": os.getpid(), "host": socket.gethostname()}
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                owner = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError):
+                owner = {}
+            if owner.get("host") == me["host"] and not _running(owner.get("pid")):
+                path.unlink(missing_ok=True)  # left by a run that was killed: take it over
+                continue
+            return f"pid {owner.get('pid')} on {owner.get('host')}"
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(me))
+        return None
+    return f"a lock at {path} that could not be taken"
+
+
+def _running(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ProcessLookupError, TypeError, ValueError):
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def write_config(cfg, out: Path, rank: int) -> None:
