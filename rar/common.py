@@ -1,4 +1,4 @@
-"""Helpers shared by several stages: independent seeds from integers, device names, and the
+"""Helpers shared by several stages: independent seeds from integers, device names, count checks and the
 learning-rate schedule of both trainers."""
 from __future__ import annotations
 
@@ -27,6 +27,14 @@ def resolve_device(name: str | None = "auto") -> torch.device:
         return torch.device(name)
     except RuntimeError as err:
         raise ValueError(f"device {name!r} is not a device torch knows (expected auto, cpu, cuda or cuda:N).") from err
+
+
+def check_counts(**counts) -> None:
+    """Each keyword must be a positive integer (numbers of samples, batch sizes, ...): a ValueError
+    naming the first that is not."""
+    for name, value in counts.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}.")
 
 
 def warmup_cosine(step: int, peak: float, end: float, warmup: int, total: int) -> float:

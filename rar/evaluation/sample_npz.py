@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..common import check_counts
 from ..data.images import to_uint8
 from ..files import ensure_writable_dir
 from ..sampling.decoder import DecodeBackend, decode_dtype
@@ -94,12 +95,12 @@ def _differences(found: dict | None, wanted: dict) -> str:
     return "; ".join(f"{k} {short(found.get(k))!r} there, {short(wanted[k])!r} now" for k in keys)
 
 
-def _check_existing(out: Path, wanted: dict, overwrite: bool, rank: int, world_size: int) -> bool:
+def _check_existing(out: Path, wanted: dict, n_chunks: int, overwrite: bool, rank: int, world_size: int) -> bool:
     """Whether `out` is already complete with these settings. Chunks (or a final file) made with
     other settings are an error naming the differences, unless `overwrite`: then each rank deletes
     the differing chunks it owns (rank 0 those no rank owns), and the final file is replaced."""
     files = ([out] if out.is_file() else []) + sorted(Path(f"{out}.chunks").glob("chunk-*.npz"))
-    n_chunks = -(-wanted["num_classes"] * wanted["num_per_class"] // wanted["chunk_size"])
+    complete = False
     for f in files:
         try:
             diff = _differences(read_settings(f), wanted)
@@ -112,16 +113,8 @@ def _check_existing(out: Path, wanted: dict, overwrite: bool, rank: int, world_s
         owner = (c % world_size if c < n_chunks else 0) if c is not None else None
         if diff and owner == rank:
             f.unlink(missing_ok=True)
-    return out.is_file() and not _differences(read_settings(out), wanted)
-
-
-def _check_counts(model, num_classes: int, num_per_class: int, chunk_size: int, batch_size: int) -> None:
-    available = model.config.num_classes
-    if not 1 <= num_classes <= available:
-        raise ValueError(f"num_classes must be between 1 and the generator's {available} classes, got {num_classes}.")
-    for name, value in (("num_per_class", num_per_class), ("chunk_size", chunk_size), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        complete = complete or (f == out and not diff)
+    return complete
 
 
 def sample_eval(model, tokenizer, out_npz, *, num_per_class: int = 50, num_classes: int | None = None,
@@ -132,12 +125,15 @@ def sample_eval(model, tokenizer, out_npz, *, num_per_class: int = 50, num_class
 
     out = Path(out_npz)
     num_classes = model.config.num_classes if num_classes is None else num_classes
-    _check_counts(model, num_classes, num_per_class, chunk_size, batch_size)
+    available = model.config.num_classes
+    if not 1 <= num_classes <= available:
+        raise ValueError(f"num_classes must be between 1 and the generator's {available} classes, got {num_classes}.")
+    check_counts(num_per_class=num_per_class, chunk_size=chunk_size, batch_size=batch_size)
     total, n_chunks = num_classes * num_per_class, -(-num_classes * num_per_class // chunk_size)
     wanted = eval_settings(model, tokenizer, num_classes=num_classes, num_per_class=num_per_class, seed=seed,
                            chunk_size=chunk_size, **sampling)
     base = {"total": total, "total_chunks": n_chunks, "settings": wanted}
-    if _check_existing(out, wanted, overwrite, rank, world_size):  # assembled earlier: nothing left to do
+    if _check_existing(out, wanted, n_chunks, overwrite, rank, world_size):  # assembled earlier: nothing to do
         return {**base, "chunks_done": 0, "chunks_skipped": 0, "images": 0, "seconds": 0.0, "complete": True}
     ensure_writable_dir(Path(f"{out}.chunks"), "sample-eval chunk folder")  # before any sampling
     chunks = [c for c in range(n_chunks) if c % world_size == rank]

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..common import resolve_device
+from ..common import check_counts, resolve_device
 from ..files import ensure_writable_dir
 from ..model.config import get_preset
 from ..model.weights import check_sizes, load_generator
@@ -62,9 +62,7 @@ def sample_to_folder(generator_path, out_dir, *, classes: str = "0", class_names
     """Sample `num_per_class` images of each class; writes tokens.npy, labels.npy and, with a
     tokenizer, grid.png (one row per class) and images/NNNNN_class-C.png. Returns a summary line.
     Every argument is checked, and the output folder made writable, before any sampling."""
-    for name, value in (("num_per_class", num_per_class), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+    check_counts(num_per_class=num_per_class, batch_size=batch_size)
     device = resolve_device(device)
     model = load_generator(generator_path).to(device=device, dtype=getattr(torch, dtype))  # our own copy
     defaults = model.sampling
