@@ -70,6 +70,19 @@ def _run_train(args) -> None:
           f"run folder {cfg.out_dir} (generator in {cfg.out_dir}/generator)")
 
 
+def _add_sampling_flags(p) -> None:
+    """The sampling settings every generating command takes (unset: the generator's defaults)."""
+    p.add_argument("--guidance-scale", type=float, default=None)
+    p.add_argument("--guidance-scale-pow", type=float, default=None)
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+
+
+def _sampling_kwargs(args) -> dict:
+    return {k: getattr(args, k) for k in ("guidance_scale", "guidance_scale_pow", "temperature", "top_k", "top_p")}
+
+
 def _add_sample(sub) -> None:
     p = sub.add_parser("sample", help="sample images (or tokens) from a generator")
     p.add_argument("--generator", required=True, help="official rar_*.bin or a folder saved by rar train")
@@ -81,11 +94,7 @@ def _add_sample(sub) -> None:
                         "generators trained with rar train carry their own")
     p.add_argument("--num-per-class", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--guidance-scale", type=float, default=None)
-    p.add_argument("--guidance-scale-pow", type=float, default=None)
-    p.add_argument("--temperature", type=float, default=None)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
+    _add_sampling_flags(p)
     p.add_argument("--order", default=None, help="scan order: raster, spiral_in, spiral_out, z_curve, subsample, alternate")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="cpu")
@@ -100,8 +109,7 @@ def _run_sample(args) -> None:
     summary = sample_to_folder(
         args.generator, args.out, classes=args.classes, class_names=args.class_names, num_per_class=args.num_per_class, seed=args.seed,
         tokenizer=args.tokenizer, preset=args.preset, batch_size=args.batch_size, device=args.device,
-        dtype=args.dtype, guidance_scale=args.guidance_scale, guidance_scale_pow=args.guidance_scale_pow,
-        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, order=args.order)
+        dtype=args.dtype, order=args.order, **_sampling_kwargs(args))
     print(summary)
 
 
@@ -115,11 +123,7 @@ def _add_sample_eval(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--chunk-size", type=int, default=256)
-    p.add_argument("--guidance-scale", type=float, default=None)
-    p.add_argument("--guidance-scale-pow", type=float, default=None)
-    p.add_argument("--temperature", type=float, default=None)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
+    _add_sampling_flags(p)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--overwrite", action="store_true",
@@ -143,8 +147,7 @@ def _run_sample_eval(args) -> None:
     tokenizer = load_any_tokenizer(args.tokenizer).to(device).eval()
     res = sample_eval(model, tokenizer, args.out, num_per_class=args.num_per_class, num_classes=args.num_classes,
                       seed=args.seed, batch_size=args.batch_size, chunk_size=args.chunk_size, rank=rank,
-                      world_size=world, guidance_scale=args.guidance_scale, guidance_scale_pow=args.guidance_scale_pow,
-                      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, overwrite=args.overwrite)
+                      world_size=world, overwrite=args.overwrite, **_sampling_kwargs(args))
     if dist.is_initialized():
         dist.barrier()
     if rank == 0 and not res.get("complete"):
@@ -154,8 +157,66 @@ def _run_sample_eval(args) -> None:
               f"{res['seconds']:.1f} s; {res['chunks_skipped']} chunks were already done)")
 
 
+def _add_edit_flags(p) -> None:
+    """What `rar inpaint` and `rar outpaint` share."""
+    p.add_argument("image", help="the image file (center-cropped and resized to the tokenizer's resolution)")
+    p.add_argument("--generator", required=True, help="official rar_*.bin or a folder saved by rar train")
+    p.add_argument("--tokenizer", required=True, help="the VQGAN of the generator's tokens (official .bin or folder)")
+    p.add_argument("--class", dest="label", default=None,
+                   help="class id or name to generate with (default none: unconditional); another class than "
+                        "the image's edits it")
+    p.add_argument("--class-names", default=None, help="text file with one class name per line, in class-id order")
+    p.add_argument("--num", type=int, default=4, help="number of results")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-paste-back", dest="paste_back", action="store_false",
+                   help="keep the raw decode instead of pasting the known pixels back")
+    p.add_argument("--raster-baseline", dest="kept_first", action="store_false",
+                   help="teacher-force the known tokens in raster order (what any causal model can do) "
+                        "instead of feeding them first")
+    p.add_argument("--order", default=None, help="order of the generated tokens: raster (default) or a scan order")
+    _add_sampling_flags(p)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+
+
+def _edit_kwargs(args) -> dict:
+    return dict(generator=args.generator, tokenizer=args.tokenizer, label=args.label, class_names=args.class_names,
+                num=args.num, seed=args.seed, paste_back=args.paste_back, kept_first=args.kept_first,
+                order=args.order, device=args.device, dtype=args.dtype, **_sampling_kwargs(args))
+
+
+def _add_inpaint(sub) -> None:
+    p = sub.add_parser("inpaint", help="regenerate the masked part of an image (any-order context)")
+    _add_edit_flags(p)
+    p.add_argument("--mask", required=True, help="mask image of the image's size: white = regenerate")
+    p.add_argument("--dilate", type=int, default=0, help="grow the token mask by this many tokens")
+    p.set_defaults(func=_run_inpaint)
+
+
+def _run_inpaint(args) -> None:
+    from .sampling.edit_files import inpaint_files
+
+    print(inpaint_files(args.image, args.mask, args.out, dilate=args.dilate, **_edit_kwargs(args)))
+
+
+def _add_outpaint(sub) -> None:
+    p = sub.add_parser("outpaint", help="grow an image beyond the trained grid with a sliding window")
+    _add_edit_flags(p)
+    p.add_argument("--extend", required=True, action="append",
+                   help="SIDE:K, SIDE one of left, right, up, down and K token columns or rows; repeat to grow "
+                        "several sides in turn")
+    p.set_defaults(func=_run_outpaint)
+
+
+def _run_outpaint(args) -> None:
+    from .sampling.edit_files import outpaint_files
+
+    print(outpaint_files(args.image, args.extend, args.out, **_edit_kwargs(args)))
+
+
 def _add_demo(sub) -> None:
-    p = sub.add_parser("demo", help="the whole pipeline on MNIST digits, offline on a CPU (13-22 min on 2 cores; --quick 3)")
+    p = sub.add_parser("demo", help="the whole pipeline on MNIST digits, offline on a CPU (15-24 min on 2 cores; --quick 4)")
     p.add_argument("--out", default="demo_out", help="output folder; finished stages are reused on a re-run")
     p.add_argument("--quick", action="store_true", help="shorter training (same outputs, less accurate)")
     p.set_defaults(func=_run_demo)
@@ -280,7 +341,7 @@ def _run_reconstruct(args) -> None:
 
 
 SUBCOMMANDS = [_add_demo, _add_info, _add_train_tokenizer, _add_tokenize, _add_reconstruct, _add_train, _add_sample,
-               _add_sample_eval, _add_evaluate]
+               _add_sample_eval, _add_inpaint, _add_outpaint, _add_evaluate]
 
 
 def build_parser() -> argparse.ArgumentParser:

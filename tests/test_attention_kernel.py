@@ -86,7 +86,7 @@ def test_sampler_runs_the_kernel_with_the_same_results(tiny_official, rar_refere
     assert (bf16.attention is single_query_attention) == (bf16.dtype == torch.bfloat16)
     calls = []
     fn = with_kernel.attention._fn  # the process's kernel: patched for this test only
-    monkeypatch.setattr(with_kernel.attention, "_fn", lambda *a: calls.append(a[9]) or fn(*a))  # lengths
+    monkeypatch.setattr(with_kernel.attention, "_fn", lambda *a: calls.append(a[10]) or fn(*a))  # lengths
     labels = rar_reference["greedy_labels"]
     tokens = generate(with_kernel, labels, guidance_scale=16.0, guidance_scale_pow=2.75, top_k=1)
     assert torch.equal(tokens, rar_reference["greedy_tokens"]["g16.0_pow2.75"])
@@ -111,7 +111,7 @@ def test_without_a_compiler_the_sampler_says_so_and_uses_torch(tiny_official, ra
 
 
 def test_caches_longer_than_the_kernel_takes_use_torch_attention(tiny_official, monkeypatch):
-    from rar.sampling.decoder import CachedDecoder
+    from rar.sampling.cached_decoder import CachedDecoder
     packed = prepare(tiny_official)
     labels, order = torch.tensor([1, 2]), torch.arange(tiny_official.config.num_tokens)
     assert CachedDecoder(packed, labels, order).attention is packed.attention

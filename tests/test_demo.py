@@ -27,6 +27,14 @@ def test_quick_demo_outputs_and_reuse(tmp_path):
     assert m["sample_class_accuracy"] > 0.6  # quick mode is less accurate; the full run is in BENCHMARKS.md
     assert m["fd_mnist_classifier_features"] > m["fd_floor_heldout_vs_train"] > 0
     assert "FD in MNIST-classifier features (not FID)" in first.stdout
+    # editing: 10 digits x (original, masked, raster baseline, kept-first, class-edited)
+    assert Image.open(out / "editing.png").size == (10 * 34 + 2, 5 * 34 + 2)
+    e = m["editing"]
+    assert e["num_digits"] == 100 and len(e["tasks"]) == 6 * 2 * 2
+    assert all(0 <= v["accuracy"] <= 1 and v["fd"] > 0 for v in e["tasks"].values())
+    assert e["reference"]["reconstruction_accuracy"] > 0.8
+    assert e["tasks"]["outpaint_right/kept_first/conditional"]["accuracy"] > 0.5  # three quarters of the digit known
+    assert "editing (100 held-out digits" in first.stdout
 
     finished = [out / "tokenizer" / "tokenizer" / "model.safetensors", *(out / "rar" / "checkpoints").iterdir(),
                 out / "tokens" / "manifest.json", out / "rar" / "metrics.jsonl"]

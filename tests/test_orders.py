@@ -15,6 +15,13 @@ def test_schedule_start_mid_end():
     assert random_ratio(10_000, 100, 200) == 0.0
     # the paper's recipe: anneal from 125k to 187.5k steps
     assert random_ratio(156_250, 125_000, 187_500) == pytest.approx(0.5)
+    # a floor: 1 -> r_final instead of 1 -> 0
+    assert random_ratio(50, 100, 200, r_final=0.2) == 1.0
+    assert random_ratio(150, 100, 200, r_final=0.2) == pytest.approx(0.6)
+    assert random_ratio(200, 100, 200, r_final=0.2) == pytest.approx(0.2)
+    assert random_ratio(10_000, 100, 200, r_final=0.2) == pytest.approx(0.2)
+    with pytest.raises(ValueError, match="r_final must be a probability"):
+        random_ratio(0, 10, 20, r_final=1.5)
 
 
 def test_schedule_rejects_reversed_bounds():

@@ -26,6 +26,8 @@ def test_readme_python_snippets_run_as_written(tmp_path, monkeypatch):
         exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - the README's own code
     assert namespace["tokens"].shape == (2, 256) and namespace["images"].shape == (2, 3, 256, 256)
     assert isinstance(namespace["backend"], __import__("rar").sampling.DecodeBackend)
+    edited, keep = namespace["edited"], namespace["keep"]
+    assert torch.equal(edited[keep], namespace["tokens"][keep])
 
 
 def test_stages_are_attributes_after_a_bare_import():

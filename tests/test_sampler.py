@@ -54,7 +54,7 @@ def test_cached_equals_full_forward_every_step(tiny_official, order):
 
 @pytest.mark.parametrize("min_rows,window", [(1, 1), (10, 5)])
 def test_modulation_window_boundaries_do_not_change_logits(tiny_official, monkeypatch, min_rows, window):
-    import rar.sampling.decoder as decoder
+    import rar.sampling.cached_decoder as decoder
     tokens = torch.randint(0, 32, (2, 16), generator=torch.Generator().manual_seed(0))
     labels = torch.tensor([1, 10])
     whole = cached_logits(tiny_official, tokens, labels)

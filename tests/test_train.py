@@ -7,6 +7,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 from rar.model.weights import load_generator
 from rar.model.orders import random_ratio
@@ -31,6 +32,20 @@ def read_metrics(out):
 def run_py(code: str, cwd) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=cwd, capture_output=True, text=True,
                           timeout=300)
+
+
+def test_r_final_floor_keeps_permuted_orders_after_annealing(tmp_path):
+    from rar.training.loop import load_data, step_batch
+    cfg = small_config(tmp_path / "run", "r_final=0.5", "max_steps=6")
+    train(cfg)
+    recs = read_metrics(tmp_path / "run")
+    assert [r["random_ratio"] for r in recs] == [random_ratio(s, 3, 9, 0.5) for s in range(6)]
+    cfg = small_config(tmp_path / "x", "r_final=1.0", "batch_size=64")
+    data = load_data(cfg)
+    orders = step_batch(cfg, data, 50, 10, 0.0)[2]  # long after anneal_end
+    assert (orders != torch.arange(64)).any(1).all()  # r = 1 to the end: every row permuted
+    with pytest.raises(ValueError, match="r_final"):
+        small_config(tmp_path / "y", "r_final=2")
 
 
 def test_logged_schedule_loss_and_export(tmp_path):

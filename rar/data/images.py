@@ -31,6 +31,18 @@ def center_crop_adm(pil_image: Image.Image, size: int) -> Image.Image:
     return Image.fromarray(arr[top: top + size, left: left + size])
 
 
+def center_crop_mask(mask: Image.Image, size: int) -> Image.Image:
+    """The crop `center_crop_adm` takes of an image of this size, for a mask: resized to the same
+    final size with nearest-neighbour sampling (no halving blur, so a mask stays binary)."""
+    w, h = mask.size
+    while min(w, h) >= 2 * size:  # the sizes center_crop_adm's box-halvings go through
+        w, h = w // 2, h // 2
+    scale = size / min(w, h)
+    arr = np.array(mask.resize((round(w * scale), round(h * scale)), resample=Image.NEAREST))
+    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
+    return Image.fromarray(arr[top: top + size, left: left + size])
+
+
 def ten_crop(image: np.ndarray, size: int) -> list[np.ndarray]:
     """torchvision-style TenCrop of an (H, W, C) array: the four corners and the center of the
     image, then the same five crops of its horizontal mirror (LlamaGen's augmentation)."""

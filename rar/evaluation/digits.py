@@ -89,10 +89,17 @@ def classify(model: DigitClassifier, images: np.ndarray, batch_size: int = 500) 
     return torch.cat(preds).numpy(), torch.cat(feats).numpy()
 
 
-def evaluate_digit_samples(data: dict, samples: np.ndarray, sample_labels: np.ndarray, quick: bool, progress: bool) -> dict:
+def train_digit_classifier(data: dict, quick: bool = False, progress: bool = True) -> DigitClassifier:
+    """The demo's classifier: trained on the train split only (2 epochs with `quick`, else 4)."""
+    return train_classifier(data["train_images"], data["train_labels"], epochs=2 if quick else 4, progress=progress)
+
+
+def evaluate_digit_samples(data: dict, samples: np.ndarray, sample_labels: np.ndarray, quick: bool, progress: bool,
+                           classifier: DigitClassifier | None = None) -> dict:
+    """Class accuracy and FD of conditional digit samples (the classifier trained here unless given)."""
     from .metrics import feature_statistics, frechet_distance
 
-    clf = train_classifier(data["train_images"], data["train_labels"], epochs=2 if quick else 4, progress=progress)
+    clf = classifier or train_digit_classifier(data, quick, progress)
     held_pred, held_feat = classify(clf, data["test_images"])
     sample_pred, sample_feat = classify(clf, samples)
     _, train_feat = classify(clf, data["train_images"])

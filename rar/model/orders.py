@@ -10,16 +10,20 @@ from __future__ import annotations
 import torch
 
 
-def random_ratio(step: int, anneal_start: int, anneal_end: int) -> float:
+def random_ratio(step: int, anneal_start: int, anneal_end: int, r_final: float = 0.0) -> float:
     """Probability that a training sequence is permuted at `step`: 1 before `anneal_start`,
-    linear to 0 at `anneal_end`, 0 after (the official `get_rar_random_ratio`)."""
+    linear to `r_final` at `anneal_end`, `r_final` after. With r_final = 0 (the paper's) this is
+    the official `get_rar_random_ratio`; a floor r_final > 0 keeps some permuted sequences to the
+    end, so the model stays able to decode in any order (editing) at some cost in raster quality."""
     if anneal_end < anneal_start:
         raise ValueError(f"anneal_end ({anneal_end}) must not be before anneal_start ({anneal_start}).")
+    if not 0.0 <= r_final <= 1.0:
+        raise ValueError(f"r_final must be a probability in [0, 1], got {r_final}.")
     if step < anneal_start:
         return 1.0
     if step >= anneal_end:
-        return 0.0
-    return 1.0 - (step - anneal_start) / (anneal_end - anneal_start)
+        return float(r_final)
+    return 1.0 - (1.0 - r_final) * (step - anneal_start) / (anneal_end - anneal_start)
 
 
 def sample_orders(batch_size: int, num_tokens: int, ratio: float, generator: torch.Generator | None = None,

@@ -135,11 +135,16 @@ class Attention(nn.Module):
         self.k_norm = nn.LayerNorm(self.head_dim, eps=NORM_EPS)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, drop: DropMasks | None = None, recompute: bool = True) -> torch.Tensor:
-        B, N, D = x.shape
+    def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries (qk-normed), keys (qk-normed) and values of x (B, N, D): each (B, H, N, Dh)."""
+        B, N, _ = x.shape
         qkv = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, H, N, Dh)
-        q, k = self.q_norm(q), self.k_norm(k)
+        return self.q_norm(q), self.k_norm(k), v
+
+    def forward(self, x: torch.Tensor, drop: DropMasks | None = None, recompute: bool = True) -> torch.Tensor:
+        B, N, D = x.shape
+        q, k, v = self.heads(x)  # each (B, H, N, Dh)
         if drop is None or drop.attn is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, N, Dh)
         elif recompute:

@@ -31,12 +31,14 @@ _built: dict[tuple, "SingleQueryAttention | str"] = {}  # (head size, flags) -> 
 class SingleQueryAttention:
     """softmax(q k^T / sqrt(Dh)) v for one query per (row, head): q (R, H, Dh) with a contiguous last
     dimension, k and v (R, H, L, Dh) with contiguous (L, Dh) planes, as slices of a `KVCache`
-    layer are; returns (R, H * Dh). Uses torch's intra-op threads (`torch.get_num_threads()`)."""
+    layer are; returns (R, H * Dh). `starts` (R,) int64, if given, is each row's first cached position
+    to attend to (0 <= start < L). Uses torch's intra-op threads (`torch.get_num_threads()`)."""
 
     def __init__(self, fn, head_dim: int, flags: tuple[str, ...] = ()):
         self._fn, self.head_dim, self.flags = fn, head_dim, tuple(flags)
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 starts: torch.Tensor | None = None) -> torch.Tensor:
         R, H, L, Dh = k.shape
         ok = (q.dtype == k.dtype == v.dtype == torch.float32 and Dh == self.head_dim
               and q.device.type == k.device.type == v.device.type == "cpu"
@@ -45,10 +47,15 @@ class SingleQueryAttention:
         if not ok:
             raise ValueError(f"single_query_attention expects fp32 CPU q (R, H, {self.head_dim}) and cache slices "
                              f"(R, H, L<={MAX_LENGTH}, {self.head_dim}), got {tuple(q.shape)} and {tuple(k.shape)}.")
+        if starts is not None:
+            starts = starts.to(torch.int64).contiguous()
+            if starts.shape != (R,) or starts.device.type != "cpu" or bool(((starts < 0) | (starts >= L)).any()):
+                raise ValueError(f"starts must be (R,) = ({R},) int64 CPU first positions in [0, {L}).")
         out = torch.empty(R, H * Dh, dtype=torch.float32, device="cpu")  # not the default dtype/device
         strides = (ctypes.c_int64 * 6)(*q.stride()[:2], *k.stride()[:2], *v.stride()[:2])
         self._fn(q.data_ptr(), strides, k.data_ptr(), ctypes.byref(strides, 16), v.data_ptr(),
-                 ctypes.byref(strides, 32), out.data_ptr(), R, H, L, Dh ** -0.5, torch.get_num_threads())
+                 ctypes.byref(strides, 32), None if starts is None else starts.data_ptr(), out.data_ptr(),
+                 R, H, L, Dh ** -0.5, torch.get_num_threads())
         return out
 
 
@@ -101,7 +108,7 @@ def build(head_dim: int, flags=None) -> SingleQueryAttention:
         raise RuntimeError(f"the kernel's OpenMP runtime ({ours}) is not torch's ({torchs})")
     fn = dll.single_query_attention
     fn.restype = None
-    fn.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 3 + [ctypes.c_float, ctypes.c_int]
+    fn.argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_int64] * 3 + [ctypes.c_float, ctypes.c_int]
     return SingleQueryAttention(fn, head_dim, flags)
 
 

@@ -12,7 +12,8 @@ works on a converted copy). What the backend holds:
 - the attention over the KV cache: the compiled `rar.sampling.attention_kernel` in fp32 on CPU
   where it can be built, torch's kernels otherwise;
 - `description`, which says what runs and why.
-`CachedDecoder` runs one batch of rows position by position through a preallocated `KVCache`.
+`decode_block` is one block's step for one new position per row; `rar.sampling.cached_decoder`
+runs whole batches through it.
 """
 from __future__ import annotations
 
@@ -23,31 +24,9 @@ from typing import Callable, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ..model.config import RARConfig
 from ..model.transformer import RAR, BlockModulation, HeadModulation
 from . import attention_kernel
 from .cpu import CPUCapability, DecodeLinear
-
-# Precomputed adaLN outputs held at once. 32 MiB is glibc's largest mmap threshold: a window that
-# fits is recycled from the heap instead of faulting in fresh pages (measured ~7% faster window
-# matmuls than 256 MiB windows, and ~200 MiB less peak memory at RAR-B batch 8) ...
-MOD_BUDGET_BYTES = 32 * 2**20
-MIN_WINDOW_ROWS = 64  # ... unless that leaves a window matmul fewer rows than this (slower kernels)
-
-
-class KVCache:
-    """Preallocated keys and values of every block for one batch (LlamaGen-style static cache):
-    the decode step writes position p's keys and values at slot p and attends to slots 0..p."""
-
-    def __init__(self, config: RARConfig, batch_size: int, max_len: int | None = None, device=None,
-                 dtype: torch.dtype = torch.float32):
-        max_len = max_len or config.num_tokens + 1  # [cls], [class] and T - 1 tokens
-        shape = (config.num_layers, batch_size, config.num_heads, max_len, config.head_dim)
-        self.keys = torch.zeros(shape, device=device, dtype=dtype)  # (layers, B, H, S, Dh)
-        self.values = torch.zeros(shape, device=device, dtype=dtype)
-
-    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.keys[i], self.values[i]
 
 
 class FoldedModulation(NamedTuple):
@@ -92,18 +71,24 @@ def fold_adaln(model: RAR) -> torch.nn.Linear:
     return folded.requires_grad_(False)
 
 
-def single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           starts: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(q k^T / sqrt(Dh)) v for q (R, H, Dh) and k, v (R, H, L, Dh): (R, H * Dh), with torch's
-    kernels (the compiled `attention_kernel` has the same signature). fp32 uses torch's fused
-    kernel. In bf16 that kernel is 2-3x slower on CPU than two matmuls around an fp32 softmax
+    kernels (the compiled `attention_kernel` has the same signature). `starts` (R,), if given, is
+    each row's first position to attend to (the slots before it are padding). fp32 uses torch's
+    fused kernel. In bf16 that kernel is 2-3x slower on CPU than two matmuls around an fp32 softmax
     (BENCHMARKS.md), so those are used there; their scores are rounded to bf16 before the
     softmax, which gives about twice the fused kernel's error against fp32 (2.2x in the test)."""
     R, H, Dh = q.shape
     q = q[:, :, None]  # (R, H, 1, Dh)
+    valid = None if starts is None else (torch.arange(k.shape[2], device=k.device) >= starts[:, None])[:, None, None]
     if q.dtype == torch.float32 or q.device.type != "cpu":
-        return F.scaled_dot_product_attention(q, k, v).view(R, H * Dh)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=valid).view(R, H * Dh)  # valid (R, 1, 1, L)
     scores = torch.matmul(k, q.transpose(-1, -2)).float() * Dh ** -0.5  # (R, H, L, 1): k-major reads
-    return torch.matmul(scores.transpose(-1, -2).softmax(-1).to(v.dtype), v).view(R, H * Dh)
+    scores = scores.transpose(-1, -2)  # (R, H, 1, L)
+    if valid is not None:
+        scores = scores.masked_fill(~valid, float("-inf"))
+    return torch.matmul(scores.softmax(-1).to(v.dtype), v).view(R, H * Dh)
 
 
 @dataclass(frozen=True)
@@ -216,11 +201,12 @@ def attention_kernel_for(head_dim: int, cap: CPUCapability):
 
 
 def decode_block(blk: DecodeBlock, x: torch.Tensor, mod: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor],
-                 pos: int, attention: Callable) -> torch.Tensor:
+                 pos: int, attention: Callable, starts: torch.Tensor | None = None) -> torch.Tensor:
     """`Block.forward` for one new position per row, written for speed (fewer, fused ops; the cache
     is written in place; 2-D rows so that no linear output needs a reshape): x (R, D), mod (R, 6D)
     laid out as `FoldedModulation`; the new keys and values go to slot `pos` and attention reads
-    slots 0..pos. Equal to the block up to fp32 rounding (tests hold them together)."""
+    slots starts[r]..pos (0..pos without `starts`). Equal to the block up to fp32 rounding (tests
+    hold them together)."""
     R, D = x.shape
     H = blk.num_heads
     Dh = D // H
@@ -231,64 +217,9 @@ def decode_block(blk: DecodeBlock, x: torch.Tensor, mod: torch.Tensor, kv: tuple
     k_buf, v_buf = kv  # (R, H, S, Dh)
     k_buf[:, :, pos] = k
     v_buf[:, :, pos] = qkv[:, 2 * D:].view(R, H, Dh)
-    out = attention(q, k_buf[:, :, :pos + 1], v_buf[:, :, :pos + 1])  # (R, D)
+    out = attention(q, k_buf[:, :, :pos + 1], v_buf[:, :, :pos + 1], starts)  # (R, D)
     x = torch.addcmul(x, m.gate_msa, blk.proj(out))
     h = torch.addcmul(m.c_mlp, F.layer_norm(x, (D,), eps=blk.norm_eps), m.a_mlp)
     return torch.addcmul(x, m.gate_mlp, blk.fc2(blk.act(blk.fc1(h))))  # (R, D)
 
 
-class CachedDecoder:
-    """Runs one batch of rows through the model position by position with a KV cache.
-
-    rows (R,) labels in [0, C]; order (T,) raster indices in generation order. `prefill()` returns
-    the logits predicting order[0]; `step(tok, j)` feeds the token at order[j] and returns the
-    logits predicting order[j + 1].
-    """
-
-    def __init__(self, backend: DecodeBackend, rows: torch.Tensor, order: torch.Tensor):
-        cfg, model = backend.config, backend.model
-        self.backend, self.model, self.rows, self.order = backend, model, rows, order
-        self.cache = KVCache(cfg, rows.shape[0], device=rows.device, dtype=backend.dtype)
-        fits = self.cache.keys.shape[3] <= attention_kernel.MAX_LENGTH
-        self.attention = backend.attention if fits else single_query_attention
-        # Distinct labels only (with guidance all unconditional rows share one label).
-        self.labels, self.inverse = torch.unique(rows, return_inverse=True)  # (U,), (R,)
-        self.cond = F.silu(model.condition(self.labels))  # (U, T+1, D): the adaLN input
-        per_slot = self.labels.numel() * cfg.hidden_size * (6 * cfg.num_layers + 2) * self.cond.element_size()
-        rows_floor = -(-MIN_WINDOW_ROWS // self.labels.numel())  # positions
-        self.window = max(1, min(cfg.num_tokens + 1, max(rows_floor, MOD_BUDGET_BYTES // per_slot)))
-        self.win_start, self.win_mods = None, None
-        # (R, L*6D + 2D): one step's modulations, reused (a fresh multi-MB tensor per step costs page faults)
-        self.step_mods = self.cond.new_empty(rows.shape[0], cfg.hidden_size * (6 * cfg.num_layers + 2))
-
-    def _step_mods(self, pos: int) -> list[torch.Tensor]:
-        """Folded adaLN outputs at position `pos` for every row: [(R, 6D)] * layers + [(R, 2D)]."""
-        if self.win_start is None or not self.win_start <= pos < self.win_start + self.window:
-            self.win_start, self.win_mods = pos, None
-            self.win_mods = self.backend.adaln(self.cond[:, pos:pos + self.window])  # (U, W, L*6D + 2D)
-        i = pos - self.win_start
-        mods = torch.index_select(self.win_mods[:, i], 0, self.inverse, out=self.step_mods)  # (R, L*6D + 2D)
-        D = self.cond.shape[-1]
-        return list(mods.split([6 * D] * len(self.backend.blocks) + [2 * D], dim=-1))
-
-    def prefill(self) -> torch.Tensor:
-        """[cls] then [class], one position at a time (causal, so the same as both at once)."""
-        x = self.model.embed_prefix(self.rows, self.order[0].expand(self.rows.shape[0]))  # (R, 2, D)
-        self._forward(x[:, :1], 0)
-        return self._forward(x[:, 1:], 1)
-
-    def step(self, tokens: torch.Tensor, j: int) -> torch.Tensor:
-        R = self.rows.shape[0]
-        here = self.order[j].expand(R, 1)
-        nxt = self.order[j + 1].expand(R, 1)
-        return self._forward(self.model.embed_tokens(tokens.view(R, 1), here, nxt), j + 2)
-
-    def _forward(self, x: torch.Tensor, pos: int) -> torch.Tensor:
-        """x (R, 1, D) at position `pos` through every block and the head: logits (R, V)."""
-        mods = self._step_mods(pos)
-        x = x[:, 0]  # (R, D)
-        for i, blk in enumerate(self.backend.blocks):
-            x = decode_block(blk, x, mods[i], self.cache.layer(i), pos, self.attention)
-        a, c = mods[-1].chunk(2, dim=-1)  # the head's folded (1 + scale, shift)
-        h = torch.addcmul(c, F.layer_norm(x, (x.shape[-1],), eps=self.backend.head_eps), a)
-        return self.backend.head(h).float()  # (R, V)

@@ -22,14 +22,19 @@ from ..common import mix_seed
 from ..model.config import SamplingDefaults
 from ..model.orders import is_permutation, named_order
 from ..model.transformer import RAR
-from .decoder import CachedDecoder, DecodeBackend, prepare
+from .cached_decoder import CachedDecoder
+from .decoder import DecodeBackend, prepare
 
 
 def guidance_schedule(guidance_scale: float, power: float, num_steps: int) -> torch.Tensor:
     """(T,) float32 scales 1 + (g - 1)(1 - cos(pi (t/T)^p)) / 2 with upstream's rounding: (t/T)^p in
     float64 (a Python float raised to a tensor), the rest in float32. p = 0 gives the constant g (0^0 = 1)."""
-    t = torch.arange(num_steps, dtype=torch.float64) / num_steps
-    ramp = (t ** float(power)).float()  # (T,)
+    return guidance_scales(guidance_scale, power, torch.arange(num_steps, dtype=torch.float64) / num_steps)
+
+
+def guidance_scales(guidance_scale: float, power: float, progress: torch.Tensor) -> torch.Tensor:
+    """The power-cosine schedule at float64 `progress` values in [0, 1), any shape: float32 scales."""
+    ramp = (progress.double() ** float(power)).float()
     step = (1 - torch.cos(ramp * torch.pi)) * 1 / 2
     return (guidance_scale - 1) * step + 1
 
@@ -53,16 +58,21 @@ def as_backend(model: RAR | DecodeBackend, packed: bool = True) -> DecodeBackend
     return model if isinstance(model, DecodeBackend) else prepare(model, packed=packed)
 
 
-def resolve_order(order, model, device) -> torch.Tensor:
-    """(T,) raster indices in generation order from None (raster), a scan-order name or a permutation."""
+def resolve_order(order, model, device, batch_size: int | None = None) -> torch.Tensor:
+    """Raster indices in generation order from None (raster), a scan-order name, a permutation (T,)
+    or, with `batch_size`, one permutation per sample (B, T): (T,), or (B, T) when given so."""
+    T = model.config.num_tokens
     if order is None:
-        return torch.arange(model.config.num_tokens, device=device)
+        return torch.arange(T, device=device)
     if isinstance(order, str):
         order = named_order(order, model.config.grid_size)
-    order = torch.as_tensor(order, device=device).long()
-    if order.shape != (model.config.num_tokens,) or not is_permutation(order):
-        raise ValueError(f"order must be a scan-order name or a permutation of 0..{model.config.num_tokens - 1}.")
-    return order
+    order = torch.as_tensor(order, device=device)
+    if order.ndim == 2 and batch_size is not None and order.shape != (batch_size, T):
+        raise ValueError(f"a per-sample order must have shape (B, T) = ({batch_size}, {T}), got {tuple(order.shape)}.")
+    if order.shape not in ((T,), (batch_size, T)) or order.is_floating_point() or not is_permutation(order):
+        raise ValueError(f"order must be a scan-order name or a permutation of 0..{T - 1}"
+                         + (" (or one per sample)" if batch_size is not None else "") + ".")
+    return order.long()
 
 
 def _check_labels(labels: torch.Tensor, num_classes: int) -> None:
@@ -126,43 +136,76 @@ def generate(model: RAR | DecodeBackend, labels, *, guidance_scale: float | None
     `model` is a `rar.RAR` or, to prepare its weights once for many calls, the `DecodeBackend` of
     `rar.sampling.prepare(model)`. Unset guidance_scale / guidance_scale_pow / temperature come from
     the model's sampling defaults (its preset's). A guidance scale of 0 or 1 runs no unconditional
-    rows. Randomness: `seed` (or one integer drawn from `generator`) and each sample's index
+    rows. `order`: None (raster), a scan-order name, a permutation (T,) or one per sample (B, T).
+    Randomness: `seed` (or one integer drawn from `generator`) and each sample's index
     (`indices`, default 0..B-1) fix its tokens, whatever the batch. `pack_weights=False` decodes a
     model with its own linears and torch's attention (the reference path; slower on CPU).
     """
     backend = as_backend(model, packed=pack_weights)
-    cfg, device = backend.config, backend.device
-    labels = torch.as_tensor(labels, device=device)
-    _check_labels(labels, cfg.num_classes)
-    labels = labels.long()
+    labels = check_labels(labels, backend)
     s = resolve_settings(backend.sampling, guidance_scale, guidance_scale_pow, temperature, top_k, top_p)
-    B, T = labels.shape[0], cfg.num_tokens
-    order = resolve_order(order, backend, device)
-    if seed is None:
-        seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
-    indices = range(B) if indices is None else [int(i) for i in indices]
-    if len(indices) != B:
-        raise ValueError(f"indices has {len(indices)} entries for {B} labels; give one index per sample.")
-    uniforms = sample_uniforms(seed, indices, T, device)  # (B, T)
-    scales = guidance_schedule(s.guidance_scale, s.guidance_scale_pow, T).tolist()
-    rows = torch.cat([labels, torch.full_like(labels, cfg.null_label)]) if s.guided else labels  # (R,)
-    dec = CachedDecoder(backend, rows, order)
-    out = torch.empty(B, T, dtype=torch.long, device=device)
-    logits = dec.prefill()  # (R, V)
-    finite = torch.ones((), dtype=torch.bool, device=device)  # checked once at the end: no sync per step
-    steps = range(T)
+    B, T = labels.shape[0], backend.config.num_tokens
+    orders = resolve_order(order, backend, labels.device, B).expand(B, T)
+    uniforms = sample_uniforms(resolve_seed(seed, generator), check_indices(indices, B), T, labels.device)  # (B, T)
+    scales = guidance_schedule(s.guidance_scale, s.guidance_scale_pow, T).to(labels.device).expand(B, T)
+    return run_decoder(backend, labels, orders, s, uniforms, scales, progress=progress)
+
+
+def check_labels(labels, backend: DecodeBackend) -> torch.Tensor:
+    """labels as a (B,) int64 tensor on the backend's device, checked for shape and range."""
+    labels = torch.as_tensor(labels, device=backend.device)
+    _check_labels(labels, backend.config.num_classes)
+    return labels.long()
+
+
+def resolve_seed(seed: int | None, generator: torch.Generator | None) -> int:
+    return int(torch.randint(0, 2**62, (1,), generator=generator).item()) if seed is None else int(seed)
+
+
+def check_indices(indices, batch_size: int) -> list[int]:
+    indices = range(batch_size) if indices is None else [int(i) for i in indices]
+    if len(indices) != batch_size:
+        raise ValueError(f"indices has {len(indices)} entries for {batch_size} samples; give one index per sample.")
+    return list(indices)
+
+
+def run_decoder(backend: DecodeBackend, labels: torch.Tensor, orders: torch.Tensor, s: SamplingSettings,
+                uniforms: torch.Tensor, scales: torch.Tensor, *, kept: torch.Tensor | None = None,
+                tokens: torch.Tensor | None = None, forced: torch.Tensor | None = None,
+                progress: bool = False) -> torch.Tensor:
+    """The sampling loop shared by `generate` and `rar.edit`: labels (B,), orders (B, T). Row b feeds
+    its first kept[b] tokens (from tokens (B, T), raster layout) in one prefill, then draws its
+    j-th token (at orders[b, kept[b] + j]) with uniform uniforms[b, j] and guidance scale
+    scales[b, j]; where forced[b, j] (teacher forcing) the token comes from `tokens` instead.
+    Returns (B, T) raster layout; tokens the loop does not reach stay as in `tokens`."""
+    B, T = orders.shape
+    kept = torch.zeros(B, dtype=torch.long, device=orders.device) if kept is None else kept
+    guided = s.guided
+    rows = torch.cat([labels, torch.full_like(labels, backend.config.null_label)]) if guided else labels  # (R,)
+    twice = (lambda t: None if t is None else torch.cat([t, t])) if guided else (lambda t: t)
+    dec = CachedDecoder(backend, rows, twice(orders), twice(kept))
+    out = torch.empty(B, T, dtype=torch.long, device=orders.device) if tokens is None else tokens.clone()
+    logits = dec.prefill(twice(tokens))  # (R, V)
+    finite = torch.ones((), dtype=torch.bool, device=orders.device)  # checked once at the end: no sync per step
+    num_steps = T - int(kept.min())
+    steps = range(num_steps)
     if progress:
         from tqdm.auto import tqdm
         steps = tqdm(steps, desc="sampling", unit="tok", leave=False)
     for j in steps:
         finite &= torch.isfinite(logits).all()
-        if s.guided:
+        if guided:
             cond, uncond = logits[:B], logits[B:]
-            logits = uncond + (cond - uncond) * scales[j]
+            logits = uncond + (cond - uncond) * scales[:, j:j + 1]
         tok = _draw(logits / s.temperature, s.top_k, s.top_p, uniforms[:, j])  # (B,)
-        out[:, order[j]] = tok
-        if j + 1 < T:
-            logits = dec.step(tok.repeat(2) if s.guided else tok, j)
+        index = kept + j  # (B,) each row's index in its order; past T - 1 the row is done
+        where = orders.gather(1, index.clamp(max=T - 1)[:, None])  # (B, 1) raster positions
+        if forced is not None:
+            tok = torch.where(forced[:, j], tokens.gather(1, where)[:, 0], tok)
+        done = (index >= T)[:, None]
+        out.scatter_(1, where, torch.where(done, out.gather(1, where), tok[:, None]))
+        if j + 1 < num_steps:
+            logits = dec.step(twice(tok), j)
     if not finite:
         raise FloatingPointError("the model produced non-finite logits (NaN or inf) while sampling, so the tokens "
                                  "would be meaningless; check that its weights are finite.")
@@ -180,15 +223,26 @@ def _draw(logits: torch.Tensor, top_k: int | None, top_p: float | None, u: torch
 
 
 @torch.inference_mode()
-def cached_logits(model: RAR | DecodeBackend, tokens: torch.Tensor, labels: torch.Tensor, order=None) -> torch.Tensor:
+def cached_logits(model: RAR | DecodeBackend, tokens: torch.Tensor, labels: torch.Tensor, order=None,
+                  kept=None) -> torch.Tensor:
     """Teacher-forced cached decoding: the (B, T, V) logits the sampler sees at each step when the
-    given tokens are fed. Equals `model(tokens, labels, orders)` (tests hold the two together).
-    A model is decoded with its own linears (`prepare(model, packed=False)`); pass a backend to
-    check another."""
+    given tokens are fed, in `order` ((T,) or per sample (B, T)). Equals `model(tokens, labels,
+    orders)` (tests hold the two together). With kept (B,), each row's first kept[b] tokens are fed
+    by the one-pass prefill (the editing path) and the rest by decode steps. A model is decoded
+    with its own linears (`prepare(model, packed=False)`); pass a backend to check another."""
     backend = as_backend(model, packed=False)
-    order = resolve_order(order, backend, tokens.device)
-    dec = CachedDecoder(backend, labels, order)
-    out = [dec.prefill()]
-    for j in range(backend.config.num_tokens - 1):
-        out.append(dec.step(tokens[:, order[j]], j))
-    return torch.stack(out, dim=1)  # (B, T, V)
+    B, T = tokens.shape
+    orders = resolve_order(order, backend, tokens.device, B).expand(B, T)
+    kept = torch.zeros(B, dtype=torch.long, device=tokens.device) if kept is None else torch.as_tensor(kept).long()
+    dec = CachedDecoder(backend, labels, orders, kept)
+    pre = dec.prefill(tokens, all_logits=True)  # (B, K_max + 2, V); slot s of row b is its position s - offset
+    out = [pre.gather(1, (dec.offsets[:, None] + j + 1).clamp(max=pre.shape[1] - 1)[..., None].expand(-1, -1, pre.shape[-1]))
+           for j in range(dec.k_max + 1)]  # position j + 1 (or the row's last known one) predicts order index j
+    for j in range(T - 1 - int(kept.min())):
+        i = (kept + j).clamp(max=T - 1)[:, None]
+        out.append(dec.step(tokens.gather(1, orders.gather(1, i))[:, 0], j)[:, None])
+    # Row b's logits for order index i: from the prefill while i <= kept[b], then from step i - kept[b] - 1.
+    stacked = torch.cat(out, dim=1)  # (B, K_max + 1 + steps, V)
+    i = torch.arange(T, device=tokens.device)[None]
+    src = torch.where(i <= kept[:, None], i, dec.k_max + i - kept[:, None])  # (B, T)
+    return stacked.gather(1, src[..., None].expand(-1, -1, stacked.shape[-1]))  # (B, T, V)

@@ -89,6 +89,9 @@ class TrainConfig:
     grad_accum: int = 1
     anneal_start: float = 0.5  # randomness annealing start: a step, or a fraction of max_steps when <= 1
     anneal_end: float = 0.75
+    # The permutation probability anneals from 1 to r_final (the paper: 0, raster order at the end); a
+    # floor > 0 keeps the model able to decode in any order, for editing (rar.model.orders.random_ratio).
+    r_final: float = 0.0
     seed: int = 0
     save_every: int = 500
     keep_last: int = 2
@@ -138,6 +141,7 @@ class TrainConfig:
         for name in ("anneal_start", "anneal_end"):
             _require(_finite(getattr(self, name)) and getattr(self, name) >= 0, name, getattr(self, name),
                      "a step, or a fraction of max_steps in [0, 1]")
+        _require(_finite(self.r_final) and 0 <= self.r_final <= 1, "r_final", self.r_final, "a probability in [0, 1]")
         _require(self.steps_of(self.anneal_end) >= self.steps_of(self.anneal_start), "anneal_end", self.anneal_end,
                  f"at or after anneal_start ({self.anneal_start})")
         _require(self.device == "auto" or _is_device(self.device), "device", self.device,

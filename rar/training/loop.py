@@ -75,7 +75,7 @@ def step_batch(cfg: TrainConfig, data: TokenData, step: int, num_classes: int, l
     """The whole global batch of `step` (identical on every rank): tokens, labels, orders, r."""
     idx = global_batch_indices(step, cfg.batch_size, len(data), cfg.seed)
     g = torch.Generator().manual_seed(mix_seed(cfg.seed, step, 1))
-    r = random_ratio(step, cfg.steps_of(cfg.anneal_start), cfg.steps_of(cfg.anneal_end))
+    r = random_ratio(step, cfg.steps_of(cfg.anneal_start), cfg.steps_of(cfg.anneal_end), cfg.r_final)
     orders = sample_orders(cfg.batch_size, data.tokens.shape[-1], r, g)  # (G, T)
     views = torch.randint(0, data.tokens.shape[1] if cfg.data.flip_views else 1, (cfg.batch_size,), generator=g)
     tokens, labels = gather_batch(data, idx, views)

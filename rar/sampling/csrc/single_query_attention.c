@@ -16,7 +16,8 @@
  * floats; of k (and v alike) at k + r * k_strides[0] + h * k_strides[1], its positions HEAD_DIM
  * floats apart (slices of the (rows, heads, slots, head_dim) cache of rar.sampling.decoder.KVCache); out
  * (rows, heads, HEAD_DIM) contiguous. `length` is at most rar.sampling.attention_kernel.MAX_LENGTH (scores live on the
- * stack). */
+ * stack). `starts` (NULL: all zero) gives each row its first cached position: rows of an editing
+ * batch with fewer known tokens than others have padding slots in front (rar.sampling.decoder). */
 #include <stdint.h>
 #include <string.h>
 
@@ -45,18 +46,20 @@ static inline float exp_nonpositive(float x) {
 
 void single_query_attention(const float *q, const int64_t *q_strides, const float *k,
                             const int64_t *k_strides, const float *v, const int64_t *v_strides,
-                            float *out, int64_t rows, int64_t heads, int64_t length, float scale,
-                            int num_threads) {
+                            const int64_t *starts, float *out, int64_t rows, int64_t heads,
+                            int64_t length, float scale, int num_threads) {
 #pragma omp parallel for num_threads(num_threads) schedule(static)
   for (int64_t pair = 0; pair < rows * heads; pair++) {
     int64_t r = pair / heads, h = pair % heads;
     const float *qp = q + r * q_strides[0] + h * q_strides[1];
-    const float *kp = k + r * k_strides[0] + h * k_strides[1];
-    const float *vp = v + r * v_strides[0] + h * v_strides[1];
+    int64_t first = starts ? starts[r] : 0;
+    const float *kp = k + r * k_strides[0] + h * k_strides[1] + first * HEAD_DIM;
+    const float *vp = v + r * v_strides[0] + h * v_strides[1] + first * HEAD_DIM;
+    int64_t n = length - first;
     float s[length], acc[HEAD_DIM];
 
     float max = -3.402823466e38f; /* -FLT_MAX */
-    for (int64_t l = 0; l < length; l++) { /* scores: one pass over the keys */
+    for (int64_t l = 0; l < n; l++) { /* scores: one pass over the keys */
       float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
       for (int64_t d = 0; d < HEAD_DIM; d++) dot += qp[d] * kp[l * HEAD_DIM + d];
@@ -65,12 +68,12 @@ void single_query_attention(const float *q, const int64_t *q_strides, const floa
     }
     float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
-    for (int64_t l = 0; l < length; l++) {
+    for (int64_t l = 0; l < n; l++) {
       s[l] = exp_nonpositive(s[l] - max);
       sum += s[l];
     }
     memset(acc, 0, sizeof acc);
-    for (int64_t l = 0; l < length; l++) { /* weighted sum: one pass over the values */
+    for (int64_t l = 0; l < n; l++) { /* weighted sum: one pass over the values */
       float w = s[l];
 #pragma omp simd
       for (int64_t d = 0; d < HEAD_DIM; d++) acc[d] += w * vp[l * HEAD_DIM + d];

@@ -1,0 +1,132 @@
+"""`rar inpaint` and `rar outpaint`: image files -> edited images on disk, with a grid to look at
+(original | masked | results). Every input is read and checked before anything is written."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..common import check_counts, resolve_device
+from ..data.images import center_crop_adm, center_crop_mask, load_rgb, make_grid, save_images, to_uint8
+from ..files import ensure_writable_dir
+from ..model.weights import load_generator
+from .decoder import prepare
+from .image_editing import inpaint, outpaint, parse_extend
+from .to_folder import class_names_of, parse_classes
+
+
+def read_image(path, resolution: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """An image file, center-cropped and resized to `resolution` as in training: (3, R, R) in
+    [0, 1], and the file's (width, height)."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"image {str(path)!r} does not exist.")
+    try:
+        img = load_rgb(path)
+    except Exception as err:  # PIL raises several types for a file that is not an image
+        raise ValueError(f"image {str(path)!r} could not be read as an image ({err}).") from err
+    arr = np.asarray(center_crop_adm(img, resolution), dtype=np.float32) / 255.0
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous(), img.size
+
+
+def read_mask(path, image_size: tuple[int, int], resolution: int) -> torch.Tensor:
+    """A mask file of the image's size (white = regenerate) -> bool (R, R), cropped as the image."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"mask {str(path)!r} does not exist.")
+    try:
+        with Image.open(path) as m:
+            mask = m.convert("L")
+    except Exception as err:
+        raise ValueError(f"mask {str(path)!r} could not be read as an image ({err}).") from err
+    if mask.size != tuple(image_size):
+        raise ValueError(f"mask {str(path)!r} is {mask.size[0]}x{mask.size[1]} but the image is "
+                         f"{image_size[0]}x{image_size[1]}; the mask must have the image's size.")
+    m = torch.from_numpy(np.asarray(center_crop_mask(mask, resolution)) > 127)
+    if not m.any():
+        raise ValueError(f"mask {str(path)!r} marks nothing to regenerate (white = regenerate).")
+    return m
+
+
+def parse_class(text: str | None, generator_path, num_classes: int, class_names=None) -> int | None:
+    """--class: an id, a class name, or "none" / unset for no class (unconditional)."""
+    if text is None or str(text).strip().lower() in ("none", ""):
+        return None
+    from .to_folder import read_class_names
+    names = read_class_names(class_names) if class_names else class_names_of(generator_path)
+    return parse_classes(str(text), num_classes, names)[0]
+
+
+def _load(generator, tokenizer, device, dtype):
+    from ..tokenizer.vqgan import load_any_tokenizer
+    device = resolve_device(device)
+    model = load_generator(generator).to(device=device, dtype=getattr(torch, dtype))
+    vq = load_any_tokenizer(tokenizer).to(device).eval()
+    return model, vq
+
+
+def _check_settings(model, edit_kwargs: dict) -> None:
+    """Sampling settings and order checked before any file is written."""
+    from .sampler import resolve_order, resolve_settings
+    keys = ("guidance_scale", "guidance_scale_pow", "temperature", "top_k", "top_p")
+    resolve_settings(model.sampling, **{k: edit_kwargs.get(k) for k in keys})
+    resolve_order(edit_kwargs.get("order"), model, "cpu")
+    if edit_kwargs.get("schedule_over", "generated") not in ("generated", "sequence"):
+        raise ValueError(f"schedule_over must be generated or sequence, got {edit_kwargs['schedule_over']!r}.")
+
+
+def _write(out: Path, result: dict, first: list[torch.Tensor], settings: dict, seconds: float) -> str:
+    pics = to_uint8(result["images"])
+    paths = save_images(pics, out, [f"result_{i:02d}" for i in range(len(pics))])
+    if settings.get("paste_back"):
+        save_images(to_uint8(result["raw"]), out / "raw", [f"result_{i:02d}" for i in range(len(pics))])
+    grid = np.concatenate([to_uint8(torch.stack(first)), pics])
+    Image.fromarray(make_grid(grid, nrow=len(grid))).save(out / "grid.png")
+    (out / "edit.json").write_text(json.dumps({**settings, "seconds": round(seconds, 2)}, indent=2) + "\n")
+    return f"{len(paths)} results in {out} ({seconds:.1f} s); grid in {out / 'grid.png'}"
+
+
+def inpaint_files(image, mask, out_dir, *, generator, tokenizer, label=None, class_names=None, num: int = 4,
+                  dilate: int = 0, paste_back: bool = True, seed: int = 0, device: str = "cpu",
+                  dtype: str = "float32", **edit_kwargs) -> str:
+    """`rar inpaint`: writes result_NN.png, raw/ (the decodes before pasting back), grid.png
+    (original | masked | results) and edit.json. Returns a summary line."""
+    check_counts(num=num)
+    if dilate < 0:
+        raise ValueError(f"dilate must be a non-negative number of tokens, got {dilate}.")
+    model, vq = _load(generator, tokenizer, device, dtype)
+    res = vq.config.resolution
+    img, size = read_image(image, res)
+    m = read_mask(mask, size, res)
+    c = parse_class(label, generator, model.config.num_classes, class_names)
+    _check_settings(model, edit_kwargs)
+    out = ensure_writable_dir(out_dir, "output folder")
+    t0 = time.perf_counter()
+    r = inpaint(prepare(model), vq, img, m, c, num=num, dilate=dilate, paste=paste_back, seed=seed, **edit_kwargs)
+    settings = {"command": "inpaint", "image": str(image), "mask": str(mask), "class": c, "num": num,
+                "dilate": dilate, "paste_back": paste_back, "seed": seed, "regenerated_tokens": int((~r["keep"]).sum()),
+                **{k: v for k, v in edit_kwargs.items() if v is not None}}
+    return _write(out, r, [img, r["masked"]], settings, time.perf_counter() - t0)
+
+
+def outpaint_files(image, extend, out_dir, *, generator, tokenizer, label=None, class_names=None, num: int = 4,
+                   paste_back: bool = True, seed: int = 0, device: str = "cpu", dtype: str = "float32",
+                   **edit_kwargs) -> str:
+    """`rar outpaint`: writes result_NN.png (the grown canvas), raw/, grid.png (original on the
+    grown canvas | results) and edit.json. Returns a summary line."""
+    check_counts(num=num)
+    sides = parse_extend(extend)
+    model, vq = _load(generator, tokenizer, device, dtype)
+    img, _ = read_image(image, vq.config.resolution)
+    c = parse_class(label, generator, model.config.num_classes, class_names)
+    _check_settings(model, edit_kwargs)
+    out = ensure_writable_dir(out_dir, "output folder")
+    t0 = time.perf_counter()
+    r = outpaint(prepare(model), vq, img, sides, c, num=num, paste=paste_back, seed=seed, **edit_kwargs)
+    h, w = r["images"].shape[-2:]
+    settings = {"command": "outpaint", "image": str(image), "extend": [f"{s}:{k}" for s, k in sides], "class": c,
+                "num": num, "paste_back": paste_back, "seed": seed, "size": [h, w],
+                **{k: v for k, v in edit_kwargs.items() if v is not None}}
+    return _write(out, r, [r["canvas"]], settings, time.perf_counter() - t0)
