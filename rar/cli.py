@@ -79,6 +79,20 @@ def _add_sampling_flags(p) -> None:
     p.add_argument("--top-p", type=float, default=None)
 
 
+def _add_refine_flags(p) -> None:
+    p.add_argument("--refine-rounds", type=int, default=0,
+                   help="after sampling, resample a fraction of each image's tokens given all the others this many times")
+    p.add_argument("--refine-fraction", type=float, default=0.1, help="share of the tokens resampled per round")
+    p.add_argument("--refine-select", default="likelihood", choices=["likelihood", "random"],
+                   help="which tokens: the least likely given their context, or random ones")
+
+
+def _refine_settings(args):
+    from .sampling.refine import RefineSettings
+
+    return RefineSettings(args.refine_rounds, args.refine_fraction, args.refine_select)
+
+
 def _sampling_kwargs(args) -> dict:
     return {k: getattr(args, k) for k in ("guidance_scale", "guidance_scale_pow", "temperature", "top_k", "top_p")}
 
@@ -96,6 +110,7 @@ def _add_sample(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     _add_sampling_flags(p)
     p.add_argument("--order", default=None, help="scan order: raster, spiral_in, spiral_out, z_curve, subsample, alternate")
+    _add_refine_flags(p)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -109,7 +124,7 @@ def _run_sample(args) -> None:
     summary = sample_to_folder(
         args.generator, args.out, classes=args.classes, class_names=args.class_names, num_per_class=args.num_per_class, seed=args.seed,
         tokenizer=args.tokenizer, preset=args.preset, batch_size=args.batch_size, device=args.device,
-        dtype=args.dtype, order=args.order, **_sampling_kwargs(args))
+        dtype=args.dtype, order=args.order, refine=_refine_settings(args), **_sampling_kwargs(args))
     print(summary)
 
 
@@ -126,6 +141,7 @@ def _add_sample_eval(sub) -> None:
     _add_sampling_flags(p)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    _add_refine_flags(p)
     p.add_argument("--overwrite", action="store_true",
                    help="redo chunks (and the final file) made with other settings instead of refusing")
     p.set_defaults(func=_run_sample_eval)
@@ -140,6 +156,7 @@ def _run_sample_eval(args) -> None:
     from .model.weights import load_generator
     from .tokenizer.vqgan import load_any_tokenizer
 
+    refine = _refine_settings(args)  # checked before any process group or model
     _init_distributed(args.device)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     device = resolve_device(args.device)  # "cuda": this process's GPU, set by _init_distributed
@@ -147,7 +164,7 @@ def _run_sample_eval(args) -> None:
     tokenizer = load_any_tokenizer(args.tokenizer).to(device).eval()
     res = sample_eval(model, tokenizer, args.out, num_per_class=args.num_per_class, num_classes=args.num_classes,
                       seed=args.seed, batch_size=args.batch_size, chunk_size=args.chunk_size, rank=rank,
-                      world_size=world, overwrite=args.overwrite, **_sampling_kwargs(args))
+                      world_size=world, overwrite=args.overwrite, refine=refine, **_sampling_kwargs(args))
     if dist.is_initialized():
         dist.barrier()
     if rank == 0 and not res.get("complete"):
@@ -213,6 +230,31 @@ def _run_outpaint(args) -> None:
     from .sampling.edit_files import outpaint_files
 
     print(outpaint_files(args.image, args.extend, args.out, **_edit_kwargs(args)))
+
+
+def _add_score(sub) -> None:
+    p = sub.add_parser("score", help="per-image likelihood (bits per token) and generative classification, as CSV")
+    p.add_argument("--generator", required=True)
+    p.add_argument("--tokenizer", default=None, help="needed for image folders (not for token shards)")
+    p.add_argument("--data", required=True,
+                   help="token shards (rar tokenize), an image folder with class subfolders, or a flat image folder")
+    p.add_argument("--out", default="scores.csv")
+    p.add_argument("--orders", default="raster", help="raster, a scan-order name, or random")
+    p.add_argument("--num-orders", type=int, default=1, help="random orders to average (the mixture's likelihood)")
+    p.add_argument("--seed", type=int, default=0, help="draws the random orders")
+    p.add_argument("--classify", dest="classify_images", action=argparse.BooleanOptionalAction, default=None,
+                   help="predict each image's class (one pass per class; default: with at most 100 classes)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_run_score)
+
+
+def _run_score(args) -> None:
+    from .evaluation.score import score_to_csv
+
+    print(score_to_csv(args.generator, args.data, args.out, tokenizer=args.tokenizer, orders=args.orders,
+                       num_orders=args.num_orders, seed=args.seed, classify_images=args.classify_images,
+                       batch_size=args.batch_size, device=args.device))
 
 
 def _add_demo(sub) -> None:
@@ -341,7 +383,7 @@ def _run_reconstruct(args) -> None:
 
 
 SUBCOMMANDS = [_add_demo, _add_info, _add_train_tokenizer, _add_tokenize, _add_reconstruct, _add_train, _add_sample,
-               _add_sample_eval, _add_inpaint, _add_outpaint, _add_evaluate]
+               _add_sample_eval, _add_inpaint, _add_outpaint, _add_score, _add_evaluate]
 
 
 def build_parser() -> argparse.ArgumentParser:

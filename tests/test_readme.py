@@ -28,6 +28,8 @@ def test_readme_python_snippets_run_as_written(tmp_path, monkeypatch):
     assert isinstance(namespace["backend"], __import__("rar").sampling.DecodeBackend)
     edited, keep = namespace["edited"], namespace["keep"]
     assert torch.equal(edited[keep], namespace["tokens"][keep])
+    assert namespace["nll"].shape == (2,) and namespace["posteriors"].shape == (2, 1000)
+    assert namespace["refined"].shape == (2, 256)
 
 
 def test_stages_are_attributes_after_a_bare_import():

@@ -77,3 +77,23 @@ def test_cli_writes_the_same_file_and_skips_when_done(tmp_path):
     assert out.read_bytes() == ref.read_bytes()  # batch size 4 vs 3: same samples
     second = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert "this run sampled 0 images" in second.stdout
+
+
+def test_refinement_is_recorded_and_a_different_setting_is_refused(tmp_path):
+    import pytest
+
+    from rar.evaluation.sample_npz import read_settings
+    from rar.sampling.refine import RefineSettings
+
+    gen, tok = make_models(tmp_path)
+    kw = {**KW, "num_classes": 1, "num_per_class": 2}
+    plain, refined = tmp_path / "plain.npz", tmp_path / "refined.npz"
+    sample_eval(gen, tok, plain, **kw)
+    sample_eval(gen, tok, refined, refine=RefineSettings(1, 0.25, "random"), **kw)
+    chunk = sorted(Path(f"{refined}.chunks").glob("chunk-*.npz"))[0]
+    assert read_settings(chunk)["refine"] == {"rounds": 1, "fraction": 0.25, "select": "random", "groups": 2}
+    assert "refine" not in read_settings(sorted(Path(f"{plain}.chunks").glob("chunk-*.npz"))[0])
+    with np.load(chunk) as a, np.load(sorted(Path(f"{plain}.chunks").glob("chunk-*.npz"))[0]) as b:
+        assert not np.array_equal(a["arr_0"], b["arr_0"])
+    with pytest.raises(ValueError, match="refine"):
+        sample_eval(gen, tok, refined, refine=RefineSettings(2, 0.25, "random"), **kw)

@@ -29,6 +29,7 @@ from ..common import check_counts
 from ..data.images import to_uint8
 from ..files import ensure_writable_dir
 from ..sampling.decoder import DecodeBackend, decode_dtype
+from ..sampling.refine import RefineSettings, apply_refine
 from ..sampling.sampler import as_backend, generate, resolve_settings
 from ..tokenizer.vqgan import state_dict_sha256
 
@@ -55,19 +56,20 @@ def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> Path:
 
 
 def sample_chunk(model, tokenizer, labels: torch.Tensor, indices: range, seed: int, batch_size: int,
-                 **sampling) -> np.ndarray:
+                 refine: RefineSettings | None = None, **sampling) -> np.ndarray:
     """uint8 (n, H, W, 3) images of samples `indices` (labels (n,)), in batches of batch_size."""
     out = []
     for s in range(0, len(indices), batch_size):
         idx = indices[s:s + batch_size]
         tokens = generate(model, labels[s:s + batch_size], seed=seed, indices=idx, **sampling)
+        tokens = apply_refine(model, tokens, labels[s:s + batch_size], refine, seed=seed, indices=idx, **sampling)
         with torch.inference_mode():
             out.append(to_uint8(tokenizer.decode(tokens).float()))
     return np.concatenate(out)
 
 
 def eval_settings(model, tokenizer, *, num_classes: int, num_per_class: int, seed: int, chunk_size: int,
-                  **sampling) -> dict:
+                  refine: RefineSettings | None = None, **sampling) -> dict:
     """Everything that decides the content of the evaluation file (not the batch size or the
     number of processes, which do not change a sample)."""
     weights = model.model if isinstance(model, DecodeBackend) else model
@@ -78,7 +80,8 @@ def eval_settings(model, tokenizer, *, num_classes: int, num_per_class: int, see
             "tokenizer_sha256": state_dict_sha256(tokenizer), "seed": int(seed), "num_classes": int(num_classes),
             "num_per_class": int(num_per_class), "chunk_size": int(chunk_size),
             "order": None if order is None else (order if isinstance(order, str) else torch.as_tensor(order).tolist()),
-            **dataclasses.asdict(resolved)}
+            **dataclasses.asdict(resolved),
+            **({"refine": dataclasses.asdict(refine)} if refine is not None and refine.active else {})}
 
 
 def read_settings(path: Path) -> dict | None:
@@ -119,7 +122,8 @@ def _check_existing(out: Path, wanted: dict, n_chunks: int, overwrite: bool, ran
 
 def sample_eval(model, tokenizer, out_npz, *, num_per_class: int = 50, num_classes: int | None = None,
                 seed: int = 0, batch_size: int = 32, chunk_size: int = 256, rank: int = 0, world_size: int = 1,
-                progress: bool = True, on_chunk=None, overwrite: bool = False, **sampling) -> dict:
+                progress: bool = True, on_chunk=None, overwrite: bool = False, refine: RefineSettings | None = None,
+                **sampling) -> dict:
     """Write this process's share of the chunks; returns counts. `assemble_npz` joins them."""
     from tqdm.auto import tqdm
 
@@ -131,7 +135,7 @@ def sample_eval(model, tokenizer, out_npz, *, num_per_class: int = 50, num_class
     check_counts(num_per_class=num_per_class, chunk_size=chunk_size, batch_size=batch_size)
     total, n_chunks = num_classes * num_per_class, -(-num_classes * num_per_class // chunk_size)
     wanted = eval_settings(model, tokenizer, num_classes=num_classes, num_per_class=num_per_class, seed=seed,
-                           chunk_size=chunk_size, **sampling)
+                           chunk_size=chunk_size, refine=refine, **sampling)
     base = {"total": total, "total_chunks": n_chunks, "settings": wanted}
     if _check_existing(out, wanted, n_chunks, overwrite, rank, world_size):  # assembled earlier: nothing to do
         return {**base, "chunks_done": 0, "chunks_skipped": 0, "images": 0, "seconds": 0.0, "complete": True}
@@ -145,7 +149,7 @@ def sample_eval(model, tokenizer, out_npz, *, num_per_class: int = 50, num_class
     for c in todo:
         indices = range(c * chunk_size, min((c + 1) * chunk_size, total))
         labels = torch.tensor([i // num_per_class for i in indices], device=backend.device)
-        images = sample_chunk(backend, tokenizer, labels, indices, seed, batch_size, **sampling)
+        images = sample_chunk(backend, tokenizer, labels, indices, seed, batch_size, refine, **sampling)
         write_npz(chunk_path(out, c), {"arr_0": images, "arr_1": labels.cpu().numpy().astype(np.int64),
                                        SETTINGS_KEY: np.array(json.dumps(wanted, sort_keys=True))})
         bar.update(len(indices))

@@ -38,10 +38,11 @@ def _check_tokens_and_keep(tokens, keep, backend: DecodeBackend) -> tuple[torch.
     if keep.shape != tokens.shape or keep.dtype != torch.bool:
         raise ValueError(f"keep must be a bool tensor of the tokens' shape {tuple(tokens.shape)} (True = keep), "
                          f"got a {str(keep.dtype).removeprefix('torch.')} tensor of shape {tuple(keep.shape)}.")
+    tokens = tokens.long()  # (shards store uint16, which has no comparisons on CPU)
     bad = keep & ((tokens < 0) | (tokens >= V))
     if bad.any():
         raise ValueError(f"kept token {int(tokens[bad][0])} is outside the codebook [0, {V}).")
-    return tokens.long().clamp(0, V - 1), keep  # unknown positions may hold anything (e.g. -1)
+    return tokens.clamp(0, V - 1), keep  # unknown positions may hold anything (e.g. -1)
 
 
 def kept_first_orders(orders: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ from ..files import ensure_writable_dir
 from ..model.config import get_preset
 from ..model.weights import check_sizes, load_generator
 from .decoder import prepare
+from .refine import RefineSettings, apply_refine
 from .sampler import generate, resolve_order, resolve_settings
 
 
@@ -58,7 +59,8 @@ def read_class_names(path) -> list[str]:
 def sample_to_folder(generator_path, out_dir, *, classes: str = "0", class_names=None, num_per_class: int = 4,
                      seed: int = 0,
                      tokenizer=None, preset: str | None = None, batch_size: int = 16, device: str = "cpu",
-                     dtype: str = "float32", progress: bool = True, **sampling) -> str:
+                     dtype: str = "float32", progress: bool = True, refine: RefineSettings | None = None,
+                     **sampling) -> str:
     """Sample `num_per_class` images of each class; writes tokens.npy, labels.npy and, with a
     tokenizer, grid.png (one row per class) and images/NNNNN_class-C.png. Returns a summary line.
     Every argument is checked, and the output folder made writable, before any sampling."""
@@ -89,6 +91,7 @@ def sample_to_folder(generator_path, out_dir, *, classes: str = "0", class_names
     for start in range(0, len(labels), batch_size):
         idx = range(start, min(start + batch_size, len(labels)))
         tok = generate(backend, labels[start:idx.stop], seed=seed, indices=idx, order=order, **sampling)
+        tok = apply_refine(backend, tok, labels[start:idx.stop], refine, seed=seed, indices=idx, **sampling)
         tokens.append(tok.cpu())
         if vq is not None:
             with torch.inference_mode():
