@@ -31,6 +31,7 @@ _EXPORTS = {
     "generate": "rar.sampling.sampler",
     "cached_logits": "rar.sampling.sampler",
     "edit": "rar.sampling.editing",
+    "from_pretrained": "rar.hub",
     "refine": "rar.sampling.refine",
     "log_likelihood": "rar.evaluation.likelihood",
     "classify": "rar.evaluation.likelihood",

@@ -257,6 +257,30 @@ def _run_score(args) -> None:
                        batch_size=args.batch_size, device=args.device))
 
 
+def _add_app(sub) -> None:
+    p = sub.add_parser("app", help="a web page to generate and edit images (Gradio; pip install 'rar[app]')")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--demo", default=None, help="serve the digit models of a `rar demo` output folder")
+    src.add_argument("--generator", default=None, help="name (rar_b ... rar_xxl) or path")
+    p.add_argument("--tokenizer", default=None, help="name (maskgit-vqgan) or path")
+    p.add_argument("--port", type=int, default=None, help="default: Gradio's (7860, or the next free port)")
+    p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve other machines")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_run_app)
+
+
+def _run_app(args) -> None:
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        raise CLIError("rar app needs gradio: pip install 'rar[app]'.") from None
+    from .app import load_models, serve
+
+    models = load_models(args.generator, args.tokenizer, args.demo, args.device)
+    print(f"rar app: serving {models.generator_ref} with {models.tokenizer_ref} on http://{args.host}:{args.port or 7860}")
+    serve(models, port=args.port, host=args.host)
+
+
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="the whole pipeline on MNIST digits, offline on a CPU (15-24 min on 2 cores; --quick 4)")
     p.add_argument("--out", default="demo_out", help="output folder; finished stages are reused on a re-run")
@@ -383,7 +407,7 @@ def _run_reconstruct(args) -> None:
 
 
 SUBCOMMANDS = [_add_demo, _add_info, _add_train_tokenizer, _add_tokenize, _add_reconstruct, _add_train, _add_sample,
-               _add_sample_eval, _add_inpaint, _add_outpaint, _add_score, _add_evaluate]
+               _add_sample_eval, _add_inpaint, _add_outpaint, _add_score, _add_evaluate, _add_app]
 
 
 def build_parser() -> argparse.ArgumentParser:

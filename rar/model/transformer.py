@@ -249,6 +249,16 @@ class RAR(nn.Module):
         preset = get_preset(name)
         return cls(preset.config.replace(**sizes), preset.regularization, preset.sampling)
 
+    def save_pretrained(self, directory):
+        """config.json + model.safetensors in `directory` (`rar.from_pretrained` loads it)."""
+        from .weights import save_generator
+        return save_generator(self, directory)
+
+    def push_to_hub(self, repo_id: str, **kwargs) -> str:
+        """Upload as config.json + model.safetensors; `rar.from_pretrained("hf://" + repo_id)` loads it."""
+        from ..hub import push_to_hub
+        return push_to_hub(self, repo_id, **kwargs)
+
     def reset_parameters(self) -> None:
         """The official init: truncated normal(0.02) for linear/embedding weights and position
         tables, zero biases, unit LayerNorms, zero [cls], and adaLN-zero for every modulation."""

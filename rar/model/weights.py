@@ -134,13 +134,18 @@ def _folder_configs(meta: dict, what: str) -> Preset:
 
 
 def load_generator(path: str | os.PathLike, config: RARConfig | None = None, map_location="cpu") -> RAR:
-    """Load any generator: a folder of the project's format, or an official `.bin`/`.pt` file."""
-    path = Path(path)
+    """Load any generator: a folder of the project's format, or an official `.bin`/`.pt` file, or
+    a name ("rar_b" ... "rar_xxl", "hf://user/repo") resolved through the Hugging Face cache
+    (`rar.hub`; an existing local path always wins)."""
+    from ..hub import resolve
+
+    path = resolve(path)
     if path.suffix in (".bin", ".pt", ".pth"):
         return load_official_generator(path, config)
     if not path.exists():
         raise FileNotFoundError(f"generator {str(path)!r} does not exist; expected an official file such as "
-                                "rar_b.bin (HuggingFace hub repo yucornetto/RAR) or a folder written by rar train.")
+                                "rar_b.bin (HuggingFace hub repo yucornetto/RAR), a folder written by rar train, "
+                                "or a name: rar_b, rar_l, rar_xl, rar_xxl.")
     what = f"generator {str(path)!r}"
     meta, sd, _ = read_folder(path, FORMAT_NAME, what, map_location)
     saved = _folder_configs(meta, what)

@@ -55,7 +55,7 @@ def parse_class(text: str | None, generator_path, num_classes: int, class_names=
     if text is None or str(text).strip().lower() in ("none", ""):
         return None
     from .to_folder import read_class_names
-    names = read_class_names(class_names) if class_names else class_names_of(generator_path)
+    names = read_class_names(class_names) if class_names else class_names_of(generator_path, num_classes)
     return parse_classes(str(text), num_classes, names)[0]
 
 

@@ -18,17 +18,32 @@ from .refine import RefineSettings, apply_refine
 from .sampler import generate, resolve_order, resolve_settings
 
 
-def class_names_of(generator_path) -> list[str] | None:
-    """Class names saved beside a generator trained by `rar train` (None for official files)."""
+def imagenet_class_names() -> list[str]:
+    """ImageNet-1k's class names in class-id order, with their synonyms (shipped with the package)."""
+    from importlib import resources
+    return resources.files("rar.data").joinpath("imagenet_classes.txt").read_text().splitlines()
+
+
+def class_names_of(generator_path, num_classes: int | None = None) -> list[str] | None:
+    """Class names saved beside a generator trained by `rar train`; ImageNet's for a 1000-class
+    generator without its own (the official ones); else None."""
+    from ..hub import is_name
     meta = Path(generator_path) / "config.json"
-    if meta.is_file():
-        return json.loads(meta.read_text()).get("class_names")
-    return None
+    if not is_name(generator_path) and meta.is_file():
+        names = json.loads(meta.read_text()).get("class_names")
+        if names:
+            return names
+    return imagenet_class_names() if num_classes == 1000 else None
 
 
 def parse_classes(text: str, num_classes: int, names: list[str] | None = None) -> list[int]:
-    """"1,7,282" or names ("tench,goldfish") -> class ids, each checked against [0, num_classes)."""
-    lookup = {syn.strip().lower(): i for i, n in enumerate(names or []) for syn in n.split(",") if syn.strip()}
+    """"1,7,282" or names ("tench,goldfish") -> class ids, each checked against [0, num_classes).
+    Names are separated by commas; a name that several classes share is an error naming them."""
+    lookup: dict[str, set[int]] = {}
+    for i, n in enumerate(names or []):
+        for syn in n.split(","):
+            if syn.strip():
+                lookup.setdefault(syn.strip().lower(), set()).add(i)
     out = []
     for item in (t.strip() for t in text.split(",")):
         if not item:
@@ -36,7 +51,10 @@ def parse_classes(text: str, num_classes: int, names: list[str] | None = None) -
         if item.lstrip("-").isdigit():
             c = int(item)
         elif item.lower() in lookup:
-            c = lookup[item.lower()]
+            ids = sorted(lookup[item.lower()])
+            if len(ids) > 1:
+                raise ValueError(f"class name {item!r} is ambiguous (class ids {', '.join(map(str, ids))}); give the id.")
+            c = ids[0]
         else:
             known = f"; known names: {', '.join(list(lookup)[:10])}..." if lookup else " (this generator has no class names)"
             raise ValueError(f"class {item!r} is neither a class id nor a known class name{known}.")
@@ -75,7 +93,7 @@ def sample_to_folder(generator_path, out_dir, *, classes: str = "0", class_names
     sampling = {k: v for k, v in sampling.items() if v is not None}
     order = resolve_order(sampling.pop("order", None), model, device)  # a bad order fails before any work
     sampling = dataclasses.asdict(resolve_settings(defaults, **sampling))  # bad values fail here
-    names = read_class_names(class_names) if class_names else class_names_of(generator_path)
+    names = read_class_names(class_names) if class_names else class_names_of(generator_path, model.config.num_classes)
     ids = parse_classes(classes, model.config.num_classes, names)
     labels = torch.tensor(ids).repeat_interleave(num_per_class)  # (N,)
     out = ensure_writable_dir(out_dir, "output folder")

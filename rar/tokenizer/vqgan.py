@@ -238,6 +238,14 @@ class VQGAN(nn.Module):
         self._check_images(images)
         return self.encoder(images)
 
+    def save_pretrained(self, directory) -> Path:
+        """config.json + model.safetensors in `directory` (`rar.from_pretrained` loads it)."""
+        return save_tokenizer(self, directory)
+
+    def push_to_hub(self, repo_id: str, **kwargs) -> str:
+        from ..hub import push_to_hub
+        return push_to_hub(self, repo_id, **kwargs)
+
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """images (B, 3, H, W) in [0, 1] -> codes (B, h*w) int64, row-major over the latent grid."""
@@ -337,11 +345,14 @@ def load_tokenizer(path: Union[str, os.PathLike]) -> VQGAN:
 
 
 def load_any_tokenizer(path: Union[str, os.PathLike]) -> VQGAN:
-    """A directory or .safetensors file -> project format; .bin / .pt / .pth -> official weights."""
-    p = Path(path)
+    """A directory or .safetensors file -> project format; .bin / .pt / .pth -> official weights; the
+    name "maskgit-vqgan" (or "hf://user/repo") -> resolved through the Hugging Face cache (`rar.hub`)."""
+    from ..hub import resolve
+
+    p = resolve(path)
     if not p.exists():
-        raise FileNotFoundError(f"tokenizer {str(p)!r} does not exist; expected the official {OFFICIAL_FILENAME} or "
-                                "a folder written by rar train-tokenizer.")
+        raise FileNotFoundError(f"tokenizer {str(p)!r} does not exist; expected the official {OFFICIAL_FILENAME}, "
+                                "a folder written by rar train-tokenizer, or the name maskgit-vqgan.")
     if p.is_dir() or p.suffix == ".safetensors":
         return load_tokenizer(p)
     if p.suffix in (".bin", ".pt", ".pth"):
