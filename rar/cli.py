@@ -257,6 +257,25 @@ def _run_score(args) -> None:
                        batch_size=args.batch_size, device=args.device))
 
 
+def _add_ablate(sub) -> None:
+    p = sub.add_parser("ablate", help="train, evaluate and compare variants x seeds of a training config")
+    p.add_argument("study", help="study YAML, e.g. configs/ablation_schedule.yaml")
+    p.add_argument("overrides", nargs="*",
+                   help="study keys (out_dir=..., seeds=[0,1]) or train.KEY=VALUE applied to every run")
+    p.set_defaults(func=_run_ablate)
+
+
+def _run_ablate(args) -> None:
+    from .training.ablate import ablate
+
+    study = [o for o in args.overrides if not o.startswith("train.")]
+    train = [o.removeprefix("train.") for o in args.overrides if o.startswith("train.")]
+    report = ablate(args.study, study, train)
+    out = Path(report["runs"][0]["out_dir"]).parents[1]
+    print((out / "results.md").read_text() + f"{len(report['runs'])} runs in {report['seconds'] / 60:.1f} min; "
+          f"{out}/results.json, results.md, ablation.png")
+
+
 def _add_app(sub) -> None:
     p = sub.add_parser("app", help="a web page to generate and edit images (Gradio; pip install 'rar[app]')")
     src = p.add_mutually_exclusive_group()
@@ -407,7 +426,7 @@ def _run_reconstruct(args) -> None:
 
 
 SUBCOMMANDS = [_add_demo, _add_info, _add_train_tokenizer, _add_tokenize, _add_reconstruct, _add_train, _add_sample,
-               _add_sample_eval, _add_inpaint, _add_outpaint, _add_score, _add_evaluate, _add_app]
+               _add_sample_eval, _add_inpaint, _add_outpaint, _add_score, _add_evaluate, _add_ablate, _add_app]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -39,3 +39,21 @@ def read_key_manifest(name: str) -> dict[str, tuple[int, ...]]:
 def cloned_state(ref) -> dict:
     """A fresh copy of a fixture's state dict, safe to corrupt in a test."""
     return {k: v.clone() for k, v in ref["state_dict"].items()}
+
+
+def save_tiny_pair(generator_dir, tokenizer_dir, class_names=None, perturb: float = 0.0):
+    """A tiny generator (8x8 tokens, codebook 64, 10 classes) and a matching 32 px tokenizer saved
+    as the CLI reads them; `perturb` adds noise so that the adaLN (zero at init) is active."""
+    from rar import RAR
+    from rar.model.weights import save_generator
+    from rar.tokenizer.vqgan import VQGAN, VQGANConfig, save_tokenizer
+
+    torch.manual_seed(0)
+    gen = RAR.from_preset("tiny", hidden_size=32, num_layers=2, num_heads=2, mlp_size=64).eval()
+    if perturb:
+        with torch.no_grad():
+            for p in gen.parameters():
+                p.add_(torch.randn_like(p) * perturb)
+    save_generator(gen, generator_dir, extra={"class_names": class_names} if class_names else None)
+    save_tokenizer(VQGAN(VQGANConfig.preset("digits_f4_32")).eval(), tokenizer_dir)
+    return gen

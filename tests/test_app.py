@@ -10,7 +10,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -26,15 +25,10 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     pytest.importorskip("gradio")
-    from rar import RAR
-    from rar.model.weights import save_generator
-    from rar.tokenizer.vqgan import VQGAN, VQGANConfig, save_tokenizer
+    from conftest import save_tiny_pair
 
-    d = tmp_path_factory.mktemp("appdemo")
-    torch.manual_seed(0)
-    gen = RAR.from_preset("tiny", hidden_size=32, num_layers=2, num_heads=2, mlp_size=64).eval()
-    save_generator(gen, d / "rar" / "generator", extra={"class_names": [str(i) for i in range(10)]})
-    save_tokenizer(VQGAN(VQGANConfig.preset("digits_f4_32")).eval(), d / "tokenizer" / "tokenizer")
+    d = tmp_path_factory.mktemp("appdemo")  # laid out as `rar demo` writes it
+    save_tiny_pair(d / "rar" / "generator", d / "tokenizer" / "tokenizer", [str(i) for i in range(10)])
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "rar", "app", "--demo", str(d), "--port", str(port),
                              "--device", "cpu"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

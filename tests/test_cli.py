@@ -5,13 +5,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from rar import RAR, RARConfig
-from rar.model.weights import save_generator
 from rar.cli import main
-from rar.tokenizer.vqgan import VQGAN, VQGANConfig, save_tokenizer
+
+from conftest import save_tiny_pair
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -19,10 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def tiny_files(tmp_path_factory):
     d = tmp_path_factory.mktemp("cli")
-    torch.manual_seed(0)
-    gen = RAR.from_preset("tiny", hidden_size=32, num_layers=2, num_heads=2, mlp_size=64).eval()
-    save_generator(gen, d / "gen", extra={"class_names": [f"digit_{i}" for i in range(10)]})
-    save_tokenizer(VQGAN(VQGANConfig.preset("digits_f4_32")).eval(), d / "tok")
+    save_tiny_pair(d / "gen", d / "tok", [f"digit_{i}" for i in range(10)])
     return d
 
 

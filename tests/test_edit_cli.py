@@ -7,21 +7,16 @@ import pytest
 import torch
 from PIL import Image
 
-from rar import RAR
+from conftest import save_tiny_pair
 from rar.cli import main
 from rar.data.images import center_crop_mask
-from rar.model.weights import save_generator
 from rar.sampling.image_editing import feather, token_mask, window_plan
-from rar.tokenizer.vqgan import VQGAN, VQGANConfig, save_tokenizer
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("edit")
-    torch.manual_seed(0)
-    gen = RAR.from_preset("tiny", hidden_size=32, num_layers=2, num_heads=2, mlp_size=64).eval()
-    save_generator(gen, d / "gen", extra={"class_names": [f"digit_{i}" for i in range(10)]})
-    save_tokenizer(VQGAN(VQGANConfig.preset("digits_f4_32")).eval(), d / "tok")
+    save_tiny_pair(d / "gen", d / "tok", [f"digit_{i}" for i in range(10)])
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 256, (48, 40, 3), dtype=np.uint8)).save(d / "img.png")  # 40 wide, 48 high
     mask = np.zeros((48, 40), np.uint8)

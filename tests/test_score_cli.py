@@ -7,23 +7,17 @@ import pytest
 import torch
 from PIL import Image
 
-from rar import RAR
+from conftest import save_tiny_pair
 from rar.cli import main
 from rar.data.shards import tokenize_dataset
 from rar.evaluation.likelihood import classify, log_likelihood
-from rar.model.weights import load_generator, save_generator
-from rar.tokenizer.vqgan import VQGAN, VQGANConfig, load_any_tokenizer, save_tokenizer
+from rar.model.weights import load_generator
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("score")
-    torch.manual_seed(0)
-    gen = RAR.from_preset("tiny", hidden_size=32, num_layers=2, num_heads=2, mlp_size=64).eval()
-    for p in gen.parameters():  # adaLN-zero would make every class equally likely
-        p.data.normal_(0, 0.05)
-    save_generator(gen, d / "gen")
-    save_tokenizer(VQGAN(VQGANConfig.preset("digits_f4_32")).eval(), d / "tok")
+    save_tiny_pair(d / "gen", d / "tok", perturb=0.05)  # adaLN-zero would make every class equally likely
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
     for i, img in enumerate(images):

@@ -27,14 +27,15 @@ def random_ratio(step: int, anneal_start: int, anneal_end: int, r_final: float =
 
 
 def sample_orders(batch_size: int, num_tokens: int, ratio: float, generator: torch.Generator | None = None,
-                  device=None) -> torch.Tensor:
-    """(B, T) orders: each row a uniform random permutation with probability `ratio`, else raster.
+                  device=None, base: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, T) orders: each row a uniform random permutation with probability `ratio`, else raster
+    (or the scan order `base` (T,), e.g. `named_order("z_curve", g)`: the order annealing ends in).
     Draws happen on the generator's device (CPU by default) so results do not depend on `device`."""
     g_device = generator.device if generator is not None else "cpu"
     permute = torch.rand(batch_size, generator=generator, device=g_device) < ratio  # (B,)
     perms = torch.rand(batch_size, num_tokens, generator=generator, device=g_device).argsort(dim=1)  # (B, T)
-    raster = torch.arange(num_tokens, device=g_device).expand(batch_size, num_tokens)
-    return torch.where(permute[:, None], perms, raster).to(device or g_device)
+    fixed = torch.arange(num_tokens, device=g_device) if base is None else base.to(g_device)
+    return torch.where(permute[:, None], perms, fixed.expand(batch_size, num_tokens)).to(device or g_device)
 
 
 def drop_labels(labels: torch.Tensor, prob: float, null_label: int,

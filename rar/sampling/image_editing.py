@@ -10,8 +10,6 @@ the original.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 

@@ -92,6 +92,9 @@ class TrainConfig:
     # The permutation probability anneals from 1 to r_final (the paper: 0, raster order at the end); a
     # floor > 0 keeps the model able to decode in any order, for editing (rar.model.orders.random_ratio).
     r_final: float = 0.0
+    # The scan order of the sequences that are not permuted: the order annealing ends in (the paper's
+    # Table 3 trains one model per order); sample such a model in the same order.
+    order: str = "raster"
     seed: int = 0
     save_every: int = 500
     keep_last: int = 2
@@ -142,6 +145,8 @@ class TrainConfig:
             _require(_finite(getattr(self, name)) and getattr(self, name) >= 0, name, getattr(self, name),
                      "a step, or a fraction of max_steps in [0, 1]")
         _require(_finite(self.r_final) and 0 <= self.r_final <= 1, "r_final", self.r_final, "a probability in [0, 1]")
+        from ..model.orders import NAMED_ORDERS
+        _require(self.order in NAMED_ORDERS, "order", self.order, f"one of {', '.join(NAMED_ORDERS)}")
         _require(self.steps_of(self.anneal_end) >= self.steps_of(self.anneal_start), "anneal_end", self.anneal_end,
                  f"at or after anneal_start ({self.anneal_start})")
         _require(self.device == "auto" or _is_device(self.device), "device", self.device,

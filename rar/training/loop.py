@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from ..common import mix_seed, resolve_device, warmup_cosine
 from ..data.batches import TokenData, gather_batch, global_batch_indices, load_token_shards, synthetic_tokens
 from ..model.config import RARConfig
-from ..model.orders import drop_labels, random_ratio, sample_orders
+from ..model.orders import drop_labels, named_order, random_ratio, sample_orders
 from ..model.transformer import RAR
 from ..model.weights import save_generator
 from . import run_folder
@@ -76,7 +76,9 @@ def step_batch(cfg: TrainConfig, data: TokenData, step: int, num_classes: int, l
     idx = global_batch_indices(step, cfg.batch_size, len(data), cfg.seed)
     g = torch.Generator().manual_seed(mix_seed(cfg.seed, step, 1))
     r = random_ratio(step, cfg.steps_of(cfg.anneal_start), cfg.steps_of(cfg.anneal_end), cfg.r_final)
-    orders = sample_orders(cfg.batch_size, data.tokens.shape[-1], r, g)  # (G, T)
+    T = data.tokens.shape[-1]
+    base = None if cfg.order == "raster" else named_order(cfg.order, math.isqrt(T))
+    orders = sample_orders(cfg.batch_size, T, r, g, base=base)  # (G, T)
     views = torch.randint(0, data.tokens.shape[1] if cfg.data.flip_views else 1, (cfg.batch_size,), generator=g)
     tokens, labels = gather_batch(data, idx, views)
     labels = drop_labels(labels, label_dropout, num_classes, g)
