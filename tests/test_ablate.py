@@ -2,7 +2,6 @@
 finished runs, a bad variant refused before anything trains, the aggregate against a direct computation."""
 import json
 import statistics
-from pathlib import Path
 
 import pytest
 
