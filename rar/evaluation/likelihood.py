@@ -25,6 +25,8 @@ import torch.nn.functional as F
 
 from ..model.orders import is_permutation, named_order
 from ..model.transformer import RAR
+from ..sampling.sampler import check_label_ids
+from ..sampling.sampler import check_tokens as check_token_codes
 
 REDUCTIONS = ("mixture", "mean", "none")
 
@@ -42,29 +44,15 @@ def evaluating(model: torch.nn.Module):
 
 def check_tokens(tokens, model: RAR) -> torch.Tensor:
     """(B, T) integer codes in the codebook, on the model's device."""
-    cfg = model.config
-    tokens = torch.as_tensor(tokens, device=next(model.parameters()).device)
-    if tokens.ndim != 2 or tokens.shape[1] != cfg.num_tokens or tokens.shape[0] == 0:
-        raise ValueError(f"tokens must be a non-empty (B, T) tensor with T = {cfg.num_tokens} (the model's "
-                         f"num_tokens), got shape {tuple(tokens.shape)}.")
-    if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
-        raise ValueError(f"tokens must be integer codes, got a {str(tokens.dtype).removeprefix('torch.')} tensor.")
-    tokens = tokens.long()  # (shards store uint16, which has no comparisons on CPU)
-    bad = (tokens < 0) | (tokens >= cfg.codebook_size)
-    if bad.any():
-        raise ValueError(f"token {int(tokens[bad][0])} is outside the codebook [0, {cfg.codebook_size}).")
-    return tokens
+    return check_token_codes(tokens, model.config, next(model.parameters()).device)
 
 
 def check_label_tensor(labels, model: RAR, batch: int) -> torch.Tensor:
-    C = model.config.num_classes
+    """(batch,) class ids in [0, C] (C = no class), on the model's device."""
     labels = torch.as_tensor(labels, device=next(model.parameters()).device)
-    if labels.shape != (batch,) or labels.is_floating_point() or labels.dtype == torch.bool:
-        raise ValueError(f"labels must be ({batch},) integer class ids, one per image, got shape "
-                         f"{tuple(labels.shape)} of {str(labels.dtype).removeprefix('torch.')}.")
-    bad = (labels < 0) | (labels > C)
-    if bad.any():
-        raise ValueError(f"class id {int(labels[bad][0])} is outside [0, {C}] ({C} = no class).")
+    check_label_ids(labels, model.config.num_classes)
+    if labels.shape != (batch,):
+        raise ValueError(f"labels must be ({batch},) integer class ids, one per image, got shape {tuple(labels.shape)}.")
     return labels.long()
 
 

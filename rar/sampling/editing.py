@@ -21,28 +21,21 @@ import torch
 
 from ..model.transformer import RAR
 from .decoder import DecodeBackend
-from .sampler import (as_backend, check_indices, check_labels, guidance_scales, resolve_order, resolve_seed,
-                      resolve_settings, run_decoder, sample_uniforms)
+from .sampler import (as_backend, check_indices, check_labels, check_tokens, guidance_scales, resolve_order,
+                      resolve_seed, resolve_settings, run_decoder, sample_uniforms)
 
 SCHEDULES = ("generated", "sequence")
 
 
 def _check_tokens_and_keep(tokens, keep, backend: DecodeBackend) -> tuple[torch.Tensor, torch.Tensor]:
-    T, V = backend.config.num_tokens, backend.config.codebook_size
-    tokens, keep = torch.as_tensor(tokens, device=backend.device), torch.as_tensor(keep, device=backend.device)
-    if tokens.ndim != 2 or tokens.shape[1] != T or tokens.shape[0] == 0:
-        raise ValueError(f"tokens must be a non-empty (B, T) tensor with T = {T} (the model's num_tokens), "
-                         f"got shape {tuple(tokens.shape)}.")
-    if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
-        raise ValueError(f"tokens must be integer codes, got a {str(tokens.dtype).removeprefix('torch.')} tensor.")
-    if keep.shape != tokens.shape or keep.dtype != torch.bool:
-        raise ValueError(f"keep must be a bool tensor of the tokens' shape {tuple(tokens.shape)} (True = keep), "
+    keep = torch.as_tensor(keep, device=backend.device)
+    shape = torch.as_tensor(tokens).shape
+    if keep.shape != shape or keep.dtype != torch.bool:
+        check_tokens(tokens, backend.config, backend.device)  # the tokens' own shape and type first
+        raise ValueError(f"keep must be a bool tensor of the tokens' shape {tuple(shape)} (True = keep), "
                          f"got a {str(keep.dtype).removeprefix('torch.')} tensor of shape {tuple(keep.shape)}.")
-    tokens = tokens.long()  # (shards store uint16, which has no comparisons on CPU)
-    bad = keep & ((tokens < 0) | (tokens >= V))
-    if bad.any():
-        raise ValueError(f"kept token {int(tokens[bad][0])} is outside the codebook [0, {V}).")
-    return tokens.clamp(0, V - 1), keep  # unknown positions may hold anything (e.g. -1)
+    tokens = check_tokens(tokens, backend.config, backend.device, known=keep)
+    return tokens.clamp(0, backend.config.codebook_size - 1), keep  # unknown positions may hold anything (e.g. -1)
 
 
 def kept_first_orders(orders: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

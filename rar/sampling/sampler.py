@@ -75,7 +75,7 @@ def resolve_order(order, model, device, batch_size: int | None = None) -> torch.
     return order.long()
 
 
-def _check_labels(labels: torch.Tensor, num_classes: int) -> None:
+def check_label_ids(labels: torch.Tensor, num_classes: int) -> None:
     if labels.ndim != 1 or labels.numel() == 0:
         raise ValueError(f"labels must be a non-empty 1-D tensor of class ids, got shape {tuple(labels.shape)}.")
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
@@ -151,10 +151,31 @@ def generate(model: RAR | DecodeBackend, labels, *, guidance_scale: float | None
     return run_decoder(backend, labels, orders, s, uniforms, scales, progress=progress)
 
 
+def check_tokens(tokens, config, device, known: torch.Tensor | None = None) -> torch.Tensor:
+    """tokens as a non-empty (B, T) int64 tensor on `device`, T the model's num_tokens, with codes
+    in the codebook; with `known` (B, T) bool only those positions are checked (editing: unknown
+    positions may hold anything, e.g. -1)."""
+    T, V = config.num_tokens, config.codebook_size
+    tokens = torch.as_tensor(tokens, device=device)
+    if tokens.ndim != 2 or tokens.shape[1] != T or tokens.shape[0] == 0:
+        raise ValueError(f"tokens must be a non-empty (B, T) tensor with T = {T} (the model's num_tokens), "
+                         f"got shape {tuple(tokens.shape)}.")
+    if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+        raise ValueError(f"tokens must be integer codes, got a {str(tokens.dtype).removeprefix('torch.')} tensor.")
+    tokens = tokens.long()  # (shards store uint16, which has no comparisons on CPU)
+    bad = (tokens < 0) | (tokens >= V)
+    if known is not None:
+        bad &= known
+    if bad.any():
+        raise ValueError(f"{'kept ' if known is not None else ''}token {int(tokens[bad][0])} is outside the codebook "
+                         f"[0, {V}).")
+    return tokens
+
+
 def check_labels(labels, backend: DecodeBackend) -> torch.Tensor:
     """labels as a (B,) int64 tensor on the backend's device, checked for shape and range."""
     labels = torch.as_tensor(labels, device=backend.device)
-    _check_labels(labels, backend.config.num_classes)
+    check_label_ids(labels, backend.config.num_classes)
     return labels.long()
 
 
