@@ -122,10 +122,9 @@ def region_mask(region: str, size: int) -> np.ndarray:
     return m
 
 
-def editor_image_and_mask(value, region: str, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The editor's background (center-cropped to the tokenizer's resolution) and the region to
-    regenerate: the brushed pixels, or a preset region."""
-    from .data.images import center_crop_adm, center_crop_mask
+def editor_image(value, resolution: int) -> torch.Tensor:
+    """The editor's background, center-cropped to the tokenizer's resolution: (3, R, R) in [0, 1]."""
+    from .data.images import image_tensor
 
     background = None if value is None else value.get("background")
     if background is None:
@@ -133,19 +132,25 @@ def editor_image_and_mask(value, region: str, resolution: int) -> tuple[torch.Te
     rgba = np.asarray(background)
     if rgba.ndim != 3 or rgba.shape[-1] not in (3, 4):
         raise ValueError(f"the uploaded image could not be read as RGB (array of shape {rgba.shape}).")
-    img = Image.fromarray(rgba[..., :3].astype(np.uint8))
-    x = torch.from_numpy(np.asarray(center_crop_adm(img, resolution), dtype=np.float32) / 255).permute(2, 0, 1)
+    return image_tensor(Image.fromarray(rgba[..., :3].astype(np.uint8)), resolution)
+
+
+def editor_mask(value, region: str, resolution: int) -> torch.Tensor:
+    """The region to regenerate, (R, R) bool: a preset region, or the pixels brushed over the
+    editor's background, cropped as the image."""
+    from .data.images import center_crop_mask
+
     if region != "brush":
-        return x, torch.from_numpy(region_mask(region, resolution))
-    strokes = np.zeros(rgba.shape[:2], bool)
+        return torch.from_numpy(region_mask(region, resolution))
+    shape = np.asarray(value["background"]).shape[:2]
+    strokes = np.zeros(shape, bool)
     for layer in value.get("layers") or []:
         a = np.asarray(layer)
-        if a.ndim == 3 and a.shape[-1] == 4 and a.shape[:2] == strokes.shape:
+        if a.ndim == 3 and a.shape[-1] == 4 and a.shape[:2] == shape:
             strokes |= a[..., 3] > 0
     if not strokes.any():
         raise ValueError("brush over the region to regenerate, or choose a preset region.")
-    mask = np.asarray(center_crop_mask(Image.fromarray(strokes.astype(np.uint8) * 255), resolution)) > 127
-    return x, torch.from_numpy(mask)
+    return torch.from_numpy(np.asarray(center_crop_mask(Image.fromarray(strokes.astype(np.uint8) * 255), resolution)) > 127)
 
 
 def edit_images(models: AppModels, value, region, choice, mode, side, amount, method, num, seed):
@@ -155,14 +160,14 @@ def edit_images(models: AppModels, value, region, choice, mode, side, amount, me
     res = models.tokenizer.config.resolution
     label, num, seed = _class_id(models, choice), int(num), int(seed)
     methods = {"kept-first": [True], "raster baseline": [False], "both": [True, False]}[method]
+    x = editor_image(value, res)
+    mask = editor_mask(value, region, res) if mode == "inpaint" else None
     rows = []
     for kept_first in methods:
         if mode == "inpaint":
-            x, mask = editor_image_and_mask(value, region, res)
             out = inpaint(models.backend, models.tokenizer, x, mask, label, num=num, seed=seed, kept_first=kept_first,
                           progress=True)
         else:
-            x, _ = editor_image_and_mask(value, "top half", res)
             out = outpaint(models.backend, models.tokenizer, x, [(side, int(amount))], label, num=num, seed=seed,
                            kept_first=kept_first, progress=True)
         rows.append(out["images"])

@@ -31,6 +31,12 @@ def center_crop_adm(pil_image: Image.Image, size: int) -> Image.Image:
     return Image.fromarray(arr[top: top + size, left: left + size])
 
 
+def image_tensor(pil_image: Image.Image, size: int) -> torch.Tensor:
+    """An RGB image as a tokenizer takes it: `center_crop_adm` to size x size, float (3, size, size) in [0, 1]."""
+    arr = np.asarray(center_crop_adm(pil_image, size), dtype=np.float32) / 255.0  # (size, size, 3)
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
 def center_crop_mask(mask: Image.Image, size: int) -> Image.Image:
     """The crop `center_crop_adm` takes of an image of this size, for a mask: resized to the same
     final size with nearest-neighbour sampling (no halving blur, so a mask stays binary)."""

@@ -23,6 +23,7 @@ from ..common import mix_seed
 from ..data.images import to_uint8
 from ..sampling.decoder import DecodeBackend, prepare
 from ..sampling.editing import edit
+from ..sampling.image_editing import pixel_mask
 from .digits import DigitClassifier, classify
 
 TASKS = ("top_half", "bottom_half", "left_half", "centre_square", "random_half", "outpaint_right")
@@ -142,7 +143,7 @@ def editing_figure(backend: DecodeBackend, tokenizer, images: np.ndarray, labels
     codes = tokenizer.encode(x)
     grid, f = backend.config.grid_size, x.shape[-1] // backend.config.grid_size
     keep = task_keep(task, grid, len(pick), seed).to(backend.device)
-    pixels = keep.view(-1, 1, grid, grid).repeat_interleave(f, 2).repeat_interleave(f, 3)  # (n, 1, H, W)
+    pixels = pixel_mask(keep.view(-1, 1, grid, grid), f)  # (n, 1, H, W)
     truth = torch.as_tensor(np.asarray(labels)[pick], device=backend.device).long()
     rows = [to_uint8(x), to_uint8(torch.where(pixels, x, torch.full_like(x, 0.5)))]
     for kept_first, lab in ((False, truth), (True, truth), (True, (truth + 1) % 10)):

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from ..common import check_counts, resolve_device
-from ..data.images import IMAGE_EXTENSIONS, center_crop_adm, list_image_folder, load_rgb
+from ..data.images import IMAGE_EXTENSIONS, image_tensor, list_image_folder, load_rgb
 from ..files import ensure_writable_dir
 from ..model.weights import load_generator
 from .likelihood import classify, log_likelihood, resolve_orders
@@ -48,9 +48,7 @@ def read_data(data, tokenizer) -> tuple[list[str], torch.Tensor | None, np.ndarr
 
 
 def _encode(tokenizer, paths: list[Path], resolution: int, device) -> torch.Tensor:
-    x = np.stack([np.asarray(center_crop_adm(load_rgb(p), resolution)) for p in paths])
-    x = torch.from_numpy(x).permute(0, 3, 1, 2).float().div(255).to(device)
-    return tokenizer.encode(x)
+    return tokenizer.encode(torch.stack([image_tensor(load_rgb(p), resolution) for p in paths]).to(device))
 
 
 def score_to_csv(generator, data, out_csv, *, tokenizer=None, orders: str = "raster", num_orders: int = 1,

@@ -11,10 +11,11 @@ import torch
 from PIL import Image
 
 from ..common import check_counts, resolve_device
-from ..data.images import center_crop_adm, center_crop_mask, load_rgb, make_grid, save_images, to_uint8
+from ..data.images import center_crop_mask, image_tensor, load_rgb, make_grid, save_images, to_uint8
 from ..files import ensure_writable_dir
 from ..model.weights import load_generator
 from .decoder import prepare
+from .editing import SCHEDULES
 from .image_editing import inpaint, outpaint, parse_extend
 from .to_folder import class_names_of, parse_classes
 
@@ -28,8 +29,7 @@ def read_image(path, resolution: int) -> tuple[torch.Tensor, tuple[int, int]]:
         img = load_rgb(path)
     except Exception as err:  # PIL raises several types for a file that is not an image
         raise ValueError(f"image {str(path)!r} could not be read as an image ({err}).") from err
-    arr = np.asarray(center_crop_adm(img, resolution), dtype=np.float32) / 255.0
-    return torch.from_numpy(arr).permute(2, 0, 1).contiguous(), img.size
+    return image_tensor(img, resolution), img.size
 
 
 def read_mask(path, image_size: tuple[int, int], resolution: int) -> torch.Tensor:
@@ -73,8 +73,8 @@ def _check_settings(model, edit_kwargs: dict) -> None:
     keys = ("guidance_scale", "guidance_scale_pow", "temperature", "top_k", "top_p")
     resolve_settings(model.sampling, **{k: edit_kwargs.get(k) for k in keys})
     resolve_order(edit_kwargs.get("order"), model, "cpu")
-    if edit_kwargs.get("schedule_over", "generated") not in ("generated", "sequence"):
-        raise ValueError(f"schedule_over must be generated or sequence, got {edit_kwargs['schedule_over']!r}.")
+    if edit_kwargs.get("schedule_over", "sequence") not in SCHEDULES:
+        raise ValueError(f"schedule_over must be one of {SCHEDULES}, got {edit_kwargs['schedule_over']!r}.")
 
 
 def _write(out: Path, result: dict, first: list[torch.Tensor], settings: dict, seconds: float) -> str:

@@ -32,6 +32,11 @@ def token_mask(mask: torch.Tensor, factor: int, dilate: int = 0) -> torch.Tensor
     return m[0, 0] > 0
 
 
+def pixel_mask(tokens: torch.Tensor, factor: int) -> torch.Tensor:
+    """A token mask (..., h, w) -> the pixel mask (..., h*f, w*f) it covers (the inverse of `token_mask`)."""
+    return tokens.repeat_interleave(factor, -2).repeat_interleave(factor, -1)
+
+
 def feather(mask: torch.Tensor, radius: int) -> torch.Tensor:
     """(H, W) weights of the generated image: 1 on the mask, falling to 0 over 2 * radius pixels
     outside it (a dilation followed by a box blur)."""
@@ -94,8 +99,7 @@ def inpaint(generator: RAR | DecodeBackend, tokenizer, image: torch.Tensor, mask
     out = edit(backend, codes.expand(num, -1), keep.expand(num, -1), torch.full((num,), label, device=device),
                seed=seed, **edit_kwargs)  # (num, T)
     raw = tokenizer.decode(out).float()  # (num, 3, H, W)
-    pixels = ~keep.view(grid, grid).repeat_interleave(res // grid, 0).repeat_interleave(res // grid, 1) if dilate \
-        else mask
+    pixels = pixel_mask(~keep.view(grid, grid), res // grid) if dilate else mask
     radius = default_feather(res) if feather_radius is None else feather_radius
     images = paste_back(image, raw, pixels, radius) if paste else raw
     masked = torch.where(mask, torch.full_like(image, 0.5), image)
@@ -151,8 +155,7 @@ def outpaint(generator: RAR | DecodeBackend, tokenizer, image: torch.Tensor, ext
     image = image.to(device).float()
     codes = tokenizer.encode(image[None]).view(1, grid, grid).expand(num, -1, -1).clone()  # (num, g, g)
     known = torch.ones(grid, grid, dtype=torch.bool, device=device)
-    original = torch.zeros_like(known)  # where the original image's tokens are, on the final canvas
-    original[:] = True
+    original = known.clone()  # where the original image's tokens are, on the final canvas
     label = torch.full((num,), _label(backend, label), device=device)
     window = 0
     for side, k in parse_extend(extend):
@@ -168,7 +171,7 @@ def outpaint(generator: RAR | DecodeBackend, tokenizer, image: torch.Tensor, ext
             known[r:r + grid, c:c + grid] = True
             window += 1
     raw = tokenizer.decode(codes).float()  # (num, 3, H', W')
-    new = ~original.repeat_interleave(f, 0).repeat_interleave(f, 1)  # (H', W') generated pixels
+    new = ~pixel_mask(original, f)  # (H', W') generated pixels
     canvas = torch.full_like(raw[0], 0.5)
     canvas[:, ~new] = image.flatten(1)
     radius = default_feather(res) if feather_radius is None else feather_radius
