@@ -71,7 +71,8 @@ def row_chunks(inverse: torch.Tensor, positions: int, width: int) -> list[tuple[
     per_row = max(1, positions * width * 4)
     n = max(1, -(-R * per_row // MOD_BUDGET_BYTES))
     bounds = [round(i * R / n) for i in range(n + 1)]
-    changes = [i for i in range(1, R) if inverse[i] != inverse[i - 1]]
+    ids = inverse.tolist()
+    changes = [i for i in range(1, R) if ids[i] != ids[i - 1]]
     for j in range(1, n):
         near = [c for c in changes if abs(c - bounds[j]) <= max(1, R // (4 * n)) and bounds[j - 1] < c < bounds[j + 1]]
         if near:
@@ -163,10 +164,13 @@ class CachedDecoder:
         N = x.shape[1]
         keys, inverse = torch.unique(self.inverse[a:b], return_inverse=True)
         cond = self.cond[keys, :N]  # (Uc, N, D)
-        def rows(t):  # (Uc, ...) -> (b - a, ...): a view when the rows share one condition or are the keys in order
-            if keys.numel() == 1:
-                return t.expand(b - a, *t.shape[1:])
-            return t if torch.equal(inverse, torch.arange(b - a, device=t.device)) else t.index_select(0, inverse)
+        # (Uc, ...) -> (b - a, ...): a view when the rows share one condition or are the keys in order
+        if keys.numel() == 1:
+            rows = lambda t: t.expand(b - a, *t.shape[1:])  # noqa: E731
+        elif torch.equal(inverse, torch.arange(b - a, device=inverse.device)):
+            rows = lambda t: t  # noqa: E731
+        else:
+            rows = lambda t: t.index_select(0, inverse)  # noqa: E731
         last = len(self.model.blocks) - 1
         for i, blk in enumerate(self.model.blocks):
             kv = self.cache.keys[i][a:b], self.cache.values[i][a:b]

@@ -257,8 +257,9 @@ def cached_logits(model: RAR | DecodeBackend, tokens: torch.Tensor, labels: torc
     kept = torch.zeros(B, dtype=torch.long, device=tokens.device) if kept is None else torch.as_tensor(kept).long()
     dec = CachedDecoder(backend, labels, orders, kept)
     pre = dec.prefill(tokens, all_logits=True)  # (B, K_max + 2, V); slot s of row b is its position s - offset
-    out = [pre.gather(1, (dec.offsets[:, None] + j + 1).clamp(max=pre.shape[1] - 1)[..., None].expand(-1, -1, pre.shape[-1]))
-           for j in range(dec.k_max + 1)]  # position j + 1 (or the row's last known one) predicts order index j
+    # order index j is predicted at position j + 1 (clamped: past a row's last known token it is unused)
+    slots = (dec.offsets[:, None] + torch.arange(1, dec.k_max + 2, device=tokens.device)).clamp(max=pre.shape[1] - 1)
+    out = [pre.gather(1, slots[..., None].expand(-1, -1, pre.shape[-1]))]  # (B, K_max + 1, V)
     for j in range(T - 1 - int(kept.min())):
         i = (kept + j).clamp(max=T - 1)[:, None]
         out.append(dec.step(tokens.gather(1, orders.gather(1, i))[:, 0], j)[:, None])
