@@ -26,7 +26,7 @@ def main() -> None:
     from pathlib import Path
 
     from rar.data.mnist import load_mnist_digits
-    from rar.evaluation.digits import train_classifier
+    from rar.evaluation.digits import train_digit_classifier
     from rar.evaluation.editing_digits import evaluate_editing, format_table
     from rar.model.weights import load_generator
     from rar.sampling.cpu import CPUCapability
@@ -35,7 +35,7 @@ def main() -> None:
     demo = Path(args.demo)
     data = load_mnist_digits(seed=0, n_train=4500)
     t0 = time.perf_counter()
-    clf = train_classifier(data["train_images"], data["train_labels"], epochs=4, progress=False)
+    clf = train_digit_classifier(data, progress=False)
     generator = load_generator(demo / "rar" / "generator")
     tokenizer = load_any_tokenizer(demo / "tokenizer" / "tokenizer").eval()
     res = evaluate_editing(generator, tokenizer, clf, data["test_images"], data["test_labels"],

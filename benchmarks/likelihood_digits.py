@@ -21,7 +21,6 @@ import math
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 
@@ -41,10 +40,9 @@ def main() -> None:
     ap.add_argument("--refine-guidance", type=float, default=None,
                     help="guidance scale of the resampled tokens (default: the generator's, as in sampling)")
     args = ap.parse_args()
-    from rar.data.images import to_uint8
     from rar.data.mnist import load_mnist_digits
-    from rar.evaluation.digits import classify as digit_classify, train_classifier
-    from rar.evaluation.editing_digits import digit_tensor, score
+    from rar.evaluation.digits import classify as digit_classify, train_digit_classifier
+    from rar.evaluation.editing_digits import decode_uint8, encode_digits, score
     from rar.evaluation.likelihood import classify, log_likelihood
     from rar.model.weights import load_generator
     from rar.sampling import generate, prepare
@@ -56,11 +54,10 @@ def main() -> None:
     data = load_mnist_digits(seed=0, n_train=4500)
     model = load_generator(demo / "rar" / "generator").eval()
     tokenizer = load_any_tokenizer(demo / "tokenizer" / "tokenizer").eval()
-    clf = train_classifier(data["train_images"], data["train_labels"], epochs=4, progress=False)
+    clf = train_digit_classifier(data, progress=False)
     print(f"host: {CPUCapability.detect().describe()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     res = {}
-    x = digit_tensor(data["test_images"])
-    codes = torch.cat([tokenizer.encode(x[s:s + 500]) for s in range(0, len(x), 500)])  # (500, T)
+    codes = encode_digits(tokenizer, data["test_images"])  # (500, T)
     labels = torch.as_tensor(data["test_labels"]).long()
     res["discriminative_accuracy"] = float((digit_classify(clf, data["test_images"])[0] == data["test_labels"]).mean())
     bits = {}
@@ -89,8 +86,7 @@ def main() -> None:
                                                           indices=range(s, s + 250)) for s in range(0, 1000, 250)]))
 
         def evaluate(tokens):
-            imgs = np.concatenate([to_uint8(tokenizer.decode(tokens[s:s + 500]).float()) for s in range(0, 1000, 500)])
-            return score(clf, imgs, sample_labels.numpy(), held_feat)
+            return score(clf, decode_uint8(tokenizer, tokens), sample_labels.numpy(), held_feat)
         rows = [{"rounds": 0, "fraction": 0.0, "select": "-", **evaluate(samples), "seconds": round(sec0, 1)}]
         print(f"samples: {rows[0]}")
         for fraction in (0.1, 0.25):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 
 
@@ -14,27 +13,25 @@ def _shared(context: dict, tokenizer_path: str) -> dict:
     """The classifier, held-out digits and their tokens, made once per study."""
     if "classifier" not in context:
         from ..data.mnist import load_mnist_digits
-        from .digits import classify, train_classifier
+        from .digits import classify, train_digit_classifier
         data = load_mnist_digits(seed=0, n_train=4500)
-        clf = train_classifier(data["train_images"], data["train_labels"], epochs=4, progress=False)
+        clf = train_digit_classifier(data, progress=False)
         context.update(data=data, classifier=clf, heldout_features=classify(clf, data["test_images"])[1])
     if context.get("tokenizer_path") != tokenizer_path:
         from ..tokenizer.vqgan import load_any_tokenizer
-        from .editing_digits import digit_tensor
+        from .editing_digits import encode_digits
         if not tokenizer_path:
             raise ValueError("the digit evaluation needs data.tokenizer (the tokenizer of the token shards).")
         vq = load_any_tokenizer(tokenizer_path).eval()
-        with torch.inference_mode():
-            codes = vq.encode(digit_tensor(context["data"]["test_images"]))
-        context.update(tokenizer_path=tokenizer_path, tokenizer=vq, heldout_codes=codes)
+        context.update(tokenizer_path=tokenizer_path, tokenizer=vq,
+                       heldout_codes=encode_digits(vq, context["data"]["test_images"]))
     return context
 
 
 def evaluate_run(generator_dir, cfg, context: dict, per_class: int = 50) -> dict:
-    from ..data.images import to_uint8
     from ..model.weights import load_generator
     from ..sampling import generate, prepare
-    from .editing_digits import evaluate_editing, score
+    from .editing_digits import decode_uint8, evaluate_editing, score
     from .likelihood import log_likelihood
 
     ctx = _shared(context, cfg.data.tokenizer)
@@ -44,9 +41,7 @@ def evaluate_run(generator_dir, cfg, context: dict, per_class: int = 50) -> dict
     labels = torch.arange(10).repeat_interleave(per_class)
     tokens = torch.cat([generate(backend, labels[s:s + 250], seed=0, indices=range(s, min(s + 250, len(labels))),
                                  order=cfg.order) for s in range(0, len(labels), 250)])
-    with torch.inference_mode():
-        images = np.concatenate([to_uint8(vq.decode(tokens[s:s + 500]).float()) for s in range(0, len(tokens), 500)])
-    sampled = score(clf, images, labels.numpy(), ctx["heldout_features"])
+    sampled = score(clf, decode_uint8(vq, tokens), labels.numpy(), ctx["heldout_features"])
     nll = log_likelihood(model, ctx["heldout_codes"], torch.as_tensor(data["test_labels"]), orders=cfg.order)
     edit = evaluate_editing(backend, vq, clf, data["test_images"], data["test_labels"], tasks=("top_half",),
                             methods=("kept_first",), conditions=("conditional",))["results"][0]

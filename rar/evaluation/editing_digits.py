@@ -60,6 +60,22 @@ def digit_tensor(images: np.ndarray) -> torch.Tensor:
     return x[:, None].expand(-1, 3, -1, -1).contiguous() if x.ndim == 3 else x.permute(0, 3, 1, 2).contiguous()
 
 
+CHUNK = 500  # images per tokenizer call
+
+
+@torch.inference_mode()
+def encode_digits(tokenizer, images: np.ndarray, device=None) -> torch.Tensor:
+    """uint8 digits (N, H, W) -> their tokens (N, T), in chunks of `CHUNK` images."""
+    x = digit_tensor(images)
+    return torch.cat([tokenizer.encode(x[s:s + CHUNK].to(device)) for s in range(0, len(x), CHUNK)])
+
+
+@torch.inference_mode()
+def decode_uint8(tokenizer, tokens: torch.Tensor) -> np.ndarray:
+    """tokens (N, T) -> uint8 images (N, H, W, 3), in chunks of `CHUNK` images."""
+    return np.concatenate([to_uint8(tokenizer.decode(tokens[s:s + CHUNK]).float()) for s in range(0, len(tokens), CHUNK)])
+
+
 @torch.inference_mode()
 def complete(backend: DecodeBackend, tokenizer, codes: torch.Tensor, keep: torch.Tensor, labels: torch.Tensor, *,
              batch_size: int = 250, seed: int = 0, **edit_kwargs) -> np.ndarray:
@@ -69,7 +85,7 @@ def complete(backend: DecodeBackend, tokenizer, codes: torch.Tensor, keep: torch
         idx = range(s, min(s + batch_size, len(codes)))
         tok = edit(backend, codes[s:idx.stop], keep[s:idx.stop], labels[s:idx.stop], seed=seed, indices=idx,
                    **edit_kwargs)
-        out.append(to_uint8(tokenizer.decode(tok).float()))
+        out.append(decode_uint8(tokenizer, tok))
     return np.concatenate(out)
 
 
@@ -90,10 +106,9 @@ def evaluate_editing(generator, tokenizer, classifier: DigitClassifier, images: 
     row holds task, method, condition, schedule, accuracy, fd and seconds."""
     backend = generator if isinstance(generator, DecodeBackend) else prepare(generator)
     grid, null = backend.config.grid_size, backend.config.num_classes
-    x = digit_tensor(images).to(backend.device)
-    codes = torch.cat([tokenizer.encode(x[s:s + 500]) for s in range(0, len(x), 500)])  # (N, T)
+    codes = encode_digits(tokenizer, images, backend.device)  # (N, T)
     heldout_pred, heldout_feat = classify(classifier, images)
-    recon = np.concatenate([to_uint8(tokenizer.decode(codes[s:s + 500]).float()) for s in range(0, len(codes), 500)])
+    recon = decode_uint8(tokenizer, codes)
     out = {"num": int(len(images)), "reference": {"heldout_accuracy": float((heldout_pred == labels).mean()),
                                                   **{f"reconstruction_{k}": v for k, v in
                                                      score(classifier, recon, labels, heldout_feat).items()}},
@@ -118,8 +133,7 @@ def class_edit(backend: DecodeBackend, tokenizer, classifier: DigitClassifier, i
                *, task: str = "top_half", seed: int = 0, batch_size: int = 250, **sampling) -> dict:
     """Class-conditional editing: each digit's `task` part regenerated with the class (c + 1) mod 10;
     the share the classifier then reads as that class, for the raster baseline and kept-first."""
-    x = digit_tensor(images).to(backend.device)
-    codes = torch.cat([tokenizer.encode(x[s:s + 500]) for s in range(0, len(x), 500)])
+    codes = encode_digits(tokenizer, images, backend.device)
     target = (np.asarray(labels) + 1) % 10
     keep = task_keep(task, backend.config.grid_size, len(codes), seed).to(backend.device)
     lab = torch.as_tensor(target, device=backend.device).long()
