@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rar.sampling import attention_kernel
+from rar.sampling import attention_kernel, compiled, linear_kernel
 from rar.sampling import cached_logits, generate, prepare
 from rar.sampling.decoder import single_query_attention
 
@@ -69,7 +69,7 @@ def test_kernel_does_not_depend_on_the_thread_count_and_rejects_other_inputs():
 
 @needs_kernel
 def test_a_kernel_on_another_openmp_runtime_is_refused(monkeypatch):
-    monkeypatch.setattr(attention_kernel, "_torch_openmp", lambda: "/elsewhere/libgomp.so.1")
+    monkeypatch.setattr(compiled, "_torch_openmp", lambda: "/elsewhere/libgomp.so.1")
     with pytest.raises(RuntimeError, match=r"OpenMP runtime \(.*libgomp.*\) is not torch's \(/elsewhere/libgomp.so.1\)"):
         attention_kernel.build(48)
 
@@ -100,12 +100,14 @@ def test_sampler_runs_the_kernel_with_the_same_results(tiny_official, rar_refere
 
 @pytest.mark.skipif(not LINUX_OPENMP, reason="elsewhere the kernel is refused before looking for a compiler")
 def test_without_a_compiler_the_sampler_says_so_and_uses_torch(tiny_official, rar_reference, monkeypatch):
-    monkeypatch.setattr(attention_kernel, "_built", {})  # forget the kernels built so far
-    monkeypatch.setattr(attention_kernel.shutil, "which", lambda name: None)
+    monkeypatch.setattr(attention_kernel, "_built", compiled.Built())  # forget the kernels built so far
+    monkeypatch.setattr(linear_kernel, "_built", compiled.Built())
+    monkeypatch.setattr(compiled.shutil, "which", lambda name: None)
     packed = prepare(tiny_official)
     assert packed.attention is single_query_attention
     assert packed.attention_name == "torch attention (no C compiler (cc or gcc) on PATH)"
     assert "attention: torch attention (no C compiler" in packed.description
+    assert "no rar.linear_kernel (no C compiler" in packed.description and "few_rows" not in packed.description
     tokens = generate(packed, rar_reference["greedy_labels"], guidance_scale=4.0, guidance_scale_pow=0.0, top_k=1)
     assert torch.equal(tokens, rar_reference["greedy_tokens"]["g4.0_pow0.0"])
 

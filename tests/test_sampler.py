@@ -173,35 +173,43 @@ def test_rows_builds_only_the_layouts_of_that_row_count(tiny_official):
     ready = prepare(tiny_official, rows=2)  # layouts for 2-row steps built now, the others never
     lins = [lin for b in ready.blocks for lin in (b.qkv, b.proj, b.fc1, b.fc2)]
     assert all(isinstance(m, DecodeLinear) for m in lins)
-    assert all(m._blocks is not None and m._packed is None for m in lins)
+    assert all(m.layouts() == {m.kernel(2)} for m in lins)
+    assert ready.head.layouts() == {ready.head.kernel(2)}  # the head too: it runs every step
 
 
 @pytest.mark.parametrize("kernel,dtype", [("gemv", torch.float32), ("onednn", torch.float32), ("aten", torch.float32),
-                                          ("onednn", torch.bfloat16), ("aten", torch.bfloat16)])
-@pytest.mark.parametrize("rows", [1, 2, 3, 16])
+                                          ("few_rows", torch.float32), ("onednn", torch.bfloat16),
+                                          ("aten", torch.bfloat16)])
+@pytest.mark.parametrize("rows", [1, 2, 3, 16, 24])
 def test_decode_linear_equals_linear_for_every_kernel(rows, dtype, kernel, monkeypatch):
     """Each kernel `DecodeLinear` can pick, forced, equals F.linear, from contiguous and strided inputs;
-    gemv here has 3 column blocks, the last narrower. oneDNN's bf16 kernel needs AVX512-BW/VL/DQ or
-    AVX-NE-CONVERT: on other CPUs that one case is skipped (its fallback is tested below)."""
+    gemv here has 3 column blocks, the last narrower; few_rows a last panel and a last k chunk that
+    are partly filled. oneDNN's bf16 kernel needs AVX512-BW/VL/DQ or AVX-NE-CONVERT, and few_rows
+    AVX2 and a C compiler: where they are missing that case is skipped (the fallbacks are tested
+    below)."""
+    from rar.sampling import linear_kernel
     from rar.sampling.cpu import GEMV_K_CHUNK, CPUCapability, DecodeLinear
 
     cap = CPUCapability.detect()
     if kernel == "onednn" and not (cap.onednn and (dtype == torch.float32 or cap.onednn_bf16)):
         pytest.skip(f"oneDNN cannot run {dtype} on this CPU ({cap.describe()})")
-    monkeypatch.setattr(CPUCapability, "kernel", lambda self, dt, r: kernel)
+    few_rows = linear_kernel.load() if kernel == "few_rows" else None
+    if kernel == "few_rows" and few_rows is None:
+        pytest.skip(f"no rar.linear_kernel here: {linear_kernel.unavailable_reason()}")
+    monkeypatch.setattr(CPUCapability, "kernel", lambda self, dt, r, compiled=False: kernel)
     g = torch.Generator().manual_seed(0)
-    lin = torch.nn.Linear(2 * GEMV_K_CHUNK + 100, 24)
+    lin = torch.nn.Linear(2 * GEMV_K_CHUNK + 100, 29)
     with torch.no_grad():
         lin.weight.copy_(torch.randn(lin.weight.shape, generator=g))
     lin = lin.to(dtype)
-    dec = DecodeLinear(lin, cap)
+    dec = DecodeLinear(lin, cap, few_rows=few_rows)
     x = torch.randn(lin.in_features, rows, generator=g).to(dtype).t()  # a transposed (strided) input
     for inp in (x, x.contiguous()[:, None]):
         out = dec(inp)
-        assert out.shape == (*inp.shape[:-1], 24) and out.dtype == dtype
+        assert out.shape == (*inp.shape[:-1], 29) and out.dtype == dtype
         tol = dict(rtol=1e-5, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=0.5)
         torch.testing.assert_close(out, lin(inp).detach(), **tol)
-    assert (dec._blocks is not None) == (kernel == "gemv") and (dec._packed is not None) == (kernel == "onednn")
+    assert dec.layouts() == ({kernel} - {"aten"})
 
 
 def test_kernel_choice_follows_the_cpu_capability():
@@ -211,6 +219,11 @@ def test_kernel_choice_follows_the_cpu_capability():
     avx2 = CPUCapability("AVX2", onednn=True, onednn_bf16=False)
     bare = CPUCapability("DEFAULT", onednn=False, onednn_bf16=False, machine="aarch64")
     assert [avx512.kernel(torch.float32, r) for r in (1, 2, 3, 16)] == ["onednn", "gemv", "onednn", "onednn"]
+    # with rar.linear_kernel loaded: every few-row count on AVX2, the counts it wins on AVX-512
+    assert [avx2.kernel(torch.float32, r, compiled=True) for r in (1, 2, 7, 16, 48, 49)] == ["few_rows"] * 5 + ["onednn"]
+    assert [avx512.kernel(torch.float32, r, compiled=True) for r in (2, 4, 16, 32)] == ["few_rows", "onednn",
+                                                                                       "few_rows", "onednn"]
+    assert avx2.kernel(torch.bfloat16, 16, compiled=True) == "aten"  # the compiled kernel is fp32 only
     assert [avx512.kernel(torch.bfloat16, r) for r in (1, 2, 16)] == ["onednn"] * 3
     assert avx2.compute_dtype(torch.bfloat16) == torch.float32 and avx512.compute_dtype(torch.bfloat16) == torch.bfloat16
     assert [bare.kernel(torch.float32, r) for r in (1, 2, 16)] == ["aten", "gemv", "aten"]

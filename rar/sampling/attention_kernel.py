@@ -3,29 +3,22 @@
 torch's fused CPU kernel for `scaled_dot_product_attention` reads a decode step's KV cache at
 ~12-15 GB/s on the project's 2-core machine; this one streams it at the machine's bandwidth, which
 takes RAR-B's attention at batch 8 (24 blocks, 128 cached positions) from 22.6 to 13.7 ms
-(BENCHMARKS.md). It is built on first use, once per process, head size and instruction set, with
-the system C compiler (~0.1 s) and OpenMP, on torch's own OpenMP runtime. The instruction-set
-flags come from `rar.sampling.cpu.CPUCapability.compiler_flags` (the ISA torch itself dispatches
-to), not from the build machine. The loader is kept rather than `torch.utils.cpp_extension`: one
-C file with no torch headers compiles in ~0.1 s instead of ~30 s, and needs no C++ toolchain. Where that is impossible (no
-compiler, not Linux, torch not built with OpenMP) `load` returns None, says why in
-`unavailable_reason`, and the sampler uses torch's kernel: same results up to fp32 rounding.
+(BENCHMARKS.md). It is built on first use, once per process, head size and instruction set, by
+`rar.sampling.compiled`. Where that is impossible (no compiler, not Linux, torch not built with
+OpenMP) `load` returns None, says why in `unavailable_reason`, and the sampler uses torch's
+kernel: same results up to fp32 rounding.
 """
 from __future__ import annotations
 
 import ctypes
-import shutil
-import subprocess
-import sys
-import tempfile
-from importlib import resources
-from pathlib import Path
 
 import torch
 
+from . import compiled
+
 MAX_LENGTH = 16384  # cached positions per call: the kernel keeps one pair's scores on its thread's stack
 
-_built: dict[tuple, "SingleQueryAttention | str"] = {}  # (head size, flags) -> kernel, or why there is none
+_built = compiled.Built()  # (head size, flags) -> kernel, or why there is none
 
 
 class SingleQueryAttention:
@@ -59,54 +52,11 @@ class SingleQueryAttention:
         return out
 
 
-def _library_defining(lib: ctypes.CDLL, symbol: str) -> str | None:
-    """The file mapped at the address `symbol` resolves to when looked up through `lib` (Linux)."""
-    address = ctypes.cast(getattr(lib, symbol), ctypes.c_void_p).value
-    with open("/proc/self/maps") as maps:
-        for line in maps:
-            fields = line.split()
-            lo, hi = (int(a, 16) for a in fields[0].split("-"))
-            if lo <= address < hi and len(fields) > 5:
-                return fields[5]
-    return None
-
-
-def _torch_openmp() -> str | None:
-    """The OpenMP runtime torch's CPU library runs on."""
-    torch_cpu = Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"
-    return _library_defining(ctypes.CDLL(str(torch_cpu)), "omp_get_max_threads") if torch_cpu.exists() else None
-
-
-def _flags(flags) -> tuple[str, ...]:
-    from .cpu import CPUCapability
-
-    return tuple(CPUCapability.detect().compiler_flags() if flags is None else flags)
-
-
 def build(head_dim: int, flags=None) -> SingleQueryAttention:
     """Compile and load the kernel for `head_dim` with the instruction-set `flags` (default: this
     CPU's, `CPUCapability.compiler_flags`); RuntimeError saying why where it cannot be used."""
-    flags = _flags(flags)
-    if not sys.platform.startswith("linux"):
-        raise RuntimeError(f"the compiled kernel is built on Linux only (this is {sys.platform})")
-    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
-        raise RuntimeError("torch is not built with OpenMP, whose thread pool the kernel shares")
-    cc = shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        raise RuntimeError("no C compiler (cc or gcc) on PATH")
-    src = resources.files("rar.sampling").joinpath("csrc/single_query_attention.c")
-    with tempfile.TemporaryDirectory() as tmp, resources.as_file(src) as path:
-        lib = Path(tmp) / f"sqa{head_dim}.so"
-        cmd = [cc, "-O3", *flags, "-fopenmp", "-fPIC", "-shared", f"-DHEAD_DIM={int(head_dim)}",
-               str(path), "-o", str(lib)]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-        if done.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed: " + " | ".join(done.stderr.strip().splitlines()[-3:]))
-        dll = ctypes.CDLL(str(lib))  # mapped now: the file itself may go with the directory
-    ours, torchs = _library_defining(dll, "omp_get_max_threads"), _torch_openmp()
-    if ours is None or ours != torchs:  # a second runtime's threads would fight torch's for the cores
-        raise RuntimeError(f"the kernel's OpenMP runtime ({ours}) is not torch's ({torchs})")
-    fn = dll.single_query_attention
+    flags = compiled.default_flags(flags)
+    fn = compiled.build_library("single_query_attention.c", flags, {"HEAD_DIM": head_dim}).single_query_attention
     fn.restype = None
     fn.argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_int64] * 3 + [ctypes.c_float, ctypes.c_int]
     return SingleQueryAttention(fn, head_dim, flags)
@@ -115,17 +65,9 @@ def build(head_dim: int, flags=None) -> SingleQueryAttention:
 def load(head_dim: int, flags=None) -> SingleQueryAttention | None:
     """The kernel for `head_dim` and `flags` (default: this CPU's), built on the first call of the
     process; None where it cannot be."""
-    key = (head_dim, _flags(flags))
-    if key not in _built:
-        try:
-            _built[key] = build(head_dim, flags)
-        except (RuntimeError, OSError, subprocess.SubprocessError) as e:
-            _built[key] = str(e)
-    kernel = _built[key]
-    return kernel if isinstance(kernel, SingleQueryAttention) else None
+    return _built.get((head_dim, compiled.default_flags(flags)), lambda: build(head_dim, flags))
 
 
 def unavailable_reason(head_dim: int, flags=None) -> str | None:
     """Why `load(head_dim, flags)` gave None (None if it gave a kernel or was not called)."""
-    kernel = _built.get((head_dim, _flags(flags)))
-    return kernel if isinstance(kernel, str) else None
+    return _built.reason((head_dim, compiled.default_flags(flags)))

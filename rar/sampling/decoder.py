@@ -8,7 +8,7 @@ works on a converted copy). What the backend holds:
   in, as ONE linear; the modulation depends only on (class, position), so it is computed for a
   window of positions in one large matmul instead of one skinny matmul per step;
 - per block the four linears (on CPU, `DecodeLinear`s whose kernel and layout follow the row
-  count and the CPU's capability) and the q/k-norm affines stacked for one fused op;
+  count and the CPU's capability, among them the compiled `rar.sampling.linear_kernel`) and the q/k-norm affines stacked for one fused op;
 - the attention over the KV cache: the compiled `rar.sampling.attention_kernel` in fp32 on CPU
   where it can be built, torch's kernels otherwise;
 - `description`, which says what runs and why.
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..model.transformer import RAR, BlockModulation, HeadModulation
-from . import attention_kernel
+from . import attention_kernel, linear_kernel
 from .cpu import CPUCapability, DecodeLinear
 
 
@@ -153,14 +153,15 @@ def decode_dtype(model: RAR) -> torch.dtype:
 
 
 def prepare(model: RAR, *, device=None, dtype: torch.dtype | None = None, rows: int | None = None,
-            attention_kernel: bool = True, packed: bool = True,
+            attention_kernel: bool = True, packed: bool = True, compiled_linear: bool = True,
             capability: CPUCapability | None = None) -> DecodeBackend:
     """The model prepared for decoding on `device` in `dtype` (default: the model's own).
 
     On CPU with `packed`, each linear gets the kernel and weight layout that `capability` (this
     CPU's, by default; tests force others) picks per row count; a bf16 model is decoded in fp32 on
     a CPU without oneDNN bf16 kernels; in fp32 with `attention_kernel`, attention runs in the
-    compiled kernel where it can be built. `rows` builds the layouts of that row count now (for
+    compiled kernel where it can be built, and with `compiled_linear` the row counts
+    `CPUCapability.kernel` gives to it run in `rar.sampling.linear_kernel` where that can be built. `rows` builds the layouts of that row count now (for
     RAR-B 0.4-0.7 s on a 2-core CPU; BENCHMARKS.md); otherwise each is built on first use.
     `packed=False` (or any other device) uses the model's own linears and torch's attention."""
     model = _converted(model, device, dtype)
@@ -183,10 +184,13 @@ def prepare(model: RAR, *, device=None, dtype: torch.dtype | None = None, rows: 
             attention_name = f"torch attention ({kernel})"
         else:
             attention, attention_name = kernel, f"rar.attention_kernel ({' '.join(kernel.flags) or 'default flags'})"
-    kernels = {r: cap.kernel(compute, r) for r in (1, 2, 16)}
+    few_rows = linear_kernel.load(cap.compiler_flags()) if compute == torch.float32 and compiled_linear else None
+    if compute == torch.float32 and compiled_linear and few_rows is None:
+        notes.append(f"no rar.linear_kernel ({linear_kernel.unavailable_reason(cap.compiler_flags())})")
+    kernels = {r: cap.kernel(compute, r, compiled=few_rows is not None) for r in (1, 2, 16)}
     text = (f"cpu ({cap.describe()}): {str(compute).removeprefix('torch.')} linears "
             + ", ".join(f"{r} rows {k}" for r, k in kernels.items()) + f"; attention: {attention_name}")
-    backend = DecodeBackend(model, lambda lin: DecodeLinear(lin, cap),
+    backend = DecodeBackend(model, lambda lin: DecodeLinear(lin, cap, few_rows=few_rows),
                             DecodeLinear(fold_adaln(model), cap, keep_plain=False), attention, attention_name,
                             "; ".join([text, *notes]), packed=True)
     if rows is not None:
