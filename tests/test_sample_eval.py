@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rar import RAR, RARConfig
+from rar import RAR
 from rar.model.weights import save_generator
 from rar.evaluation.sample_npz import assemble_npz, sample_eval
 from rar.tokenizer.vqgan import VQGAN, VQGANConfig, load_any_tokenizer, save_tokenizer
