@@ -281,3 +281,28 @@ def test_one_run_per_out_dir_and_a_dead_runs_lock_is_taken_over(tmp_path):
         other.wait()
     assert train(small_config(run, "max_steps=2"))["steps"] == 2  # its process is gone: taken over
     assert not (run / ".train.lock").exists()  # released at the end
+
+
+@pytest.mark.parametrize("order", ["raster", "spiral_in"])
+def test_sample_grid_is_generated_in_the_runs_scan_order(tmp_path, order):
+    """A run that ends in another scan order (`order=spiral_in`) is sampled in that order: its grid
+    is the tokens `generate(order=...)` gives, not the raster ones."""
+    from types import SimpleNamespace
+
+    from rar.data.images import save_grid
+    from rar.sampling import generate
+    from rar.tokenizer.vqgan import load_any_tokenizer
+    from rar.training.run_folder import sample_grid
+    from tests.conftest import save_tiny_pair
+
+    gen = save_tiny_pair(tmp_path / "g", tmp_path / "t", perturb=0.3)
+    cfg = SimpleNamespace(order=order, sample_classes=[1, 2])  # the two TrainConfig keys it reads
+    tr = SimpleNamespace(rank=0, data=SimpleNamespace(tokenizer=str(tmp_path / "t")), cfg=cfg, raw=gen,
+                         device=torch.device("cpu"), out=tmp_path / "run")
+    path = sample_grid(tr, "samples/final.png", per_class=2)
+    labels = torch.tensor([1, 1, 2, 2])
+    tok = load_any_tokenizer(tmp_path / "t")
+    expect = {o: save_grid(tok.decode(generate(gen, labels, seed=0, order=o)), tmp_path / f"{o}.png", nrow=2)
+              for o in ("raster", "spiral_in")}
+    assert path.read_bytes() == expect[order].read_bytes()
+    assert expect["raster"].read_bytes() != expect["spiral_in"].read_bytes()

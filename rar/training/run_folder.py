@@ -298,7 +298,8 @@ class Logger:
 
 
 def sample_grid(tr, name: str, per_class: int = 4) -> Path | None:
-    """Decode a grid of samples of fixed classes, one row per class (needs the data's tokenizer)."""
+    """Decode a grid of samples of fixed classes, one row per class (needs the data's tokenizer),
+    generated in the run's scan order (`TrainConfig.order`): the order its annealing ends in."""
     from ..data.images import save_grid
     from ..sampling.sampler import generate
     from ..tokenizer.vqgan import load_any_tokenizer
@@ -309,7 +310,7 @@ def sample_grid(tr, name: str, per_class: int = 4) -> Path | None:
     labels = torch.tensor(classes).repeat_interleave(per_class).to(tr.device)
     was_training = tr.raw.training
     tr.raw.eval()
-    tokens = generate(tr.raw, labels, seed=0)
+    tokens = generate(tr.raw, labels, seed=0, order=None if tr.cfg.order == "raster" else tr.cfg.order)
     tr.raw.train(was_training)
     tokenizer = load_any_tokenizer(tr.data.tokenizer).to(tr.device)
     with torch.inference_mode():
