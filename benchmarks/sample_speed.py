@@ -8,9 +8,10 @@ Each measurement runs in its own subprocess so that peak memory (ru_maxrss) belo
 with --rounds N the implementations alternate N times and each one's best run counts. rar prepares
 its weights once per process, in the layout for the batch's row count
 (`rar.sampling.prepare(model, rows=)`, as `rar sample` does once); that one-off time is printed
-apart, as is what the backend runs (`--no-attention-kernel`: torch's attention instead of rar's
-compiled kernel). Beside every ratio it prints the host: torch's CPU capability, the DRAM read
-bandwidth and the matmul peak measured in the same run (hosts of one kind differ by 1.5-2x).
+apart, as is what the backend runs (`--no-linear-kernel`: oneDNN instead of rar's few-rows
+linear kernel; `--no-attention-kernel`: torch's attention instead of rar's compiled one).
+Beside every ratio it prints the host: torch's CPU capability, the DRAM read bandwidth and the
+matmul peak measured in the same run (hosts of one kind differ by 1.5-2x).
 Weights are random (seeded) and perturbed so that every adaLN layer is active. With
 --official-repo, both samplers decode greedily (top-k 1; upstream's multinomial draw replaced by
 argmax, which costs the same) so that their tokens can be compared for identity. The last output
@@ -112,7 +113,7 @@ def run_one(args) -> dict:
     else:
         t0 = time.perf_counter()
         rows = args.batch_size * (1 if sampling.guidance_scale in (0.0, 1.0) else 2)  # with the unconditional rows
-        model = prepare(ours, rows=rows, attention_kernel=args.attention_kernel)  # once per process, like loading
+        model = prepare(ours, rows=rows, attention_kernel=args.attention_kernel, compiled_linear=args.linear_kernel)  # once per process, like loading
         setup_s = time.perf_counter() - t0
         attention = model.description
 
@@ -198,6 +199,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1, help="alternating runs of each implementation; the best counts")
     ap.add_argument("--attention-kernel", action=argparse.BooleanOptionalAction, default=True,
                     help="rar's compiled CPU attention kernel (fp32); --no-attention-kernel uses torch's")
+    ap.add_argument("--linear-kernel", action=argparse.BooleanOptionalAction, default=True,
+                    help="rar's compiled few-rows linear kernel (fp32); --no-linear-kernel keeps oneDNN")
     ap.add_argument("--official-repo", default=None, help="checkout of bytedance/1d-tokenizer to compare against")
     ap.add_argument("--impl", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()

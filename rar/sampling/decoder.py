@@ -161,8 +161,9 @@ def prepare(model: RAR, *, device=None, dtype: torch.dtype | None = None, rows: 
     CPU's, by default; tests force others) picks per row count; a bf16 model is decoded in fp32 on
     a CPU without oneDNN bf16 kernels; in fp32 with `attention_kernel`, attention runs in the
     compiled kernel where it can be built, and with `compiled_linear` the row counts
-    `CPUCapability.kernel` gives to it run in `rar.sampling.linear_kernel` where that can be built. `rows` builds the layouts of that row count now (for
-    RAR-B 0.4-0.7 s on a 2-core CPU; BENCHMARKS.md); otherwise each is built on first use.
+    `CPUCapability.kernel` gives to `rar.sampling.linear_kernel` run there where it can be built.
+    `rows` builds the layouts of that row count now (for RAR-B 1.1-1.9 s on a 2-core CPU, building
+    the kernels included; BENCHMARKS.md); otherwise each is built on first use.
     `packed=False` (or any other device) uses the model's own linears and torch's attention."""
     model = _converted(model, device, dtype)
     p = next(model.parameters())
