@@ -78,6 +78,8 @@ def test_kernel_rejects_other_inputs_and_cpus():
         kernel(torch.randn(3, 20), linear_kernel.pack(w)[:-6], None, 11)
     with pytest.raises(ValueError, match="few_rows_linear expects"):
         kernel(torch.randn(3, 20), linear_kernel.pack(w), torch.randn(9), 10)  # a bias of the wrong size
+    with pytest.raises(ValueError, match="few_rows_linear expects"):
+        kernel(torch.randn(3, 0), linear_kernel.pack(torch.randn(10, 0)), None, 10)  # no inputs to sum over
     with pytest.raises(RuntimeError, match="needs AVX2 and FMA"):
         linear_kernel.build(flags=[])
     assert linear_kernel.load(flags=[]) is None and "needs AVX2" in linear_kernel.unavailable_reason(flags=[])
