@@ -60,7 +60,7 @@ def load_models(generator=None, tokenizer=None, demo=None, device: str = "cpu") 
     return AppModels(prepare(model), vq, names, str(generator), str(tokenizer))
 
 
-def _class_id(models: AppModels, choice) -> int | None:
+def _class_id(choice) -> int | None:
     if choice in (None, "", "none"):
         return None
     return int(str(choice).split(":", 1)[0])
@@ -84,7 +84,7 @@ def generate_images(models: AppModels, choice, num, guidance_scale, guidance_sca
     """(grid, PNG paths, the reproducing Python call) for the Generate tab."""
     from .sampling import generate
 
-    c = _class_id(models, choice)
+    c = _class_id(choice)
     if c is None:
         raise ValueError("choose a class to generate.")
     num, seed = int(num), int(seed)
@@ -158,7 +158,7 @@ def edit_images(models: AppModels, value, region, choice, mode, side, amount, me
     from .sampling.image_editing import inpaint, outpaint
 
     res = models.tokenizer.config.resolution
-    label, num, seed = _class_id(models, choice), int(num), int(seed)
+    label, num, seed = _class_id(choice), int(num), int(seed)
     methods = {"kept-first": [True], "raster baseline": [False], "both": [True, False]}[method]
     x = editor_image(value, res)
     mask = editor_mask(value, region, res) if mode == "inpaint" else None
@@ -241,7 +241,7 @@ def build_app(models: AppModels):
 
         go.click(_guarded(run_generate), [cls, num, g, p, t, seed], [grid, files, code, last])
         dice.click(lambda: random.randrange(2**31), None, seed)
-        take.click(_guarded(lambda paths: _first(paths)), last, editor)
+        take.click(_guarded(_first), last, editor)
 
         def run_edit(v, r, c, m, sdd, a, meth, n, sd, progress=gr.Progress(track_tqdm=True)):
             return edit_images(models, v, r, c, m, sdd, a, meth, n, sd)

@@ -1,7 +1,5 @@
 """The compiled single-query attention kernel against torch's, and the sampler with and without it."""
 import copy
-import shutil
-import sys
 
 import pytest
 import torch
@@ -10,10 +8,9 @@ import torch.nn.functional as F
 from rar.sampling import attention_kernel, compiled, linear_kernel
 from rar.sampling import cached_logits, generate, prepare
 from rar.sampling.decoder import single_query_attention
+from tests.conftest import CAN_COMPILE, LINUX_OPENMP
 
-LINUX_OPENMP = sys.platform.startswith("linux") and "parallel backend: OpenMP" in torch.__config__.parallel_info()
-CAN_BUILD = LINUX_OPENMP and bool(shutil.which("cc") or shutil.which("gcc"))
-needs_kernel = pytest.mark.skipif(not CAN_BUILD, reason="needs Linux, a C compiler and an OpenMP build of torch")
+needs_kernel = pytest.mark.skipif(not CAN_COMPILE, reason="needs Linux, a C compiler and an OpenMP build of torch")
 
 
 def cache_slices(g, rows, heads, length, head_dim, scale=1.0):

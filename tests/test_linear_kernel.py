@@ -1,17 +1,13 @@
 """The compiled few-rows linear (`rar.sampling.linear_kernel`) against float64 and torch's fp32."""
-import shutil
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from rar.sampling import linear_kernel
 from rar.sampling.cpu import CPUCapability
+from tests.conftest import CAN_COMPILE
 
-CAN_BUILD = (sys.platform.startswith("linux") and "parallel backend: OpenMP" in torch.__config__.parallel_info()
-             and bool(shutil.which("cc") or shutil.which("gcc"))
-             and CPUCapability.detect().isa in ("AVX2", "AVX512"))
+CAN_BUILD = CAN_COMPILE and CPUCapability.detect().isa in ("AVX2", "AVX512")
 needs_kernel = pytest.mark.skipif(not CAN_BUILD, reason="needs Linux, a C compiler, an OpenMP torch and AVX2")
 
 

@@ -65,7 +65,8 @@ def build(head_dim: int, flags=None) -> SingleQueryAttention:
 def load(head_dim: int, flags=None) -> SingleQueryAttention | None:
     """The kernel for `head_dim` and `flags` (default: this CPU's), built on the first call of the
     process; None where it cannot be."""
-    return _built.get((head_dim, compiled.default_flags(flags)), lambda: build(head_dim, flags))
+    flags = compiled.default_flags(flags)
+    return _built.get((head_dim, flags), lambda: build(head_dim, flags))
 
 
 def unavailable_reason(head_dim: int, flags=None) -> str | None:

@@ -8,7 +8,8 @@ works on a converted copy). What the backend holds:
   in, as ONE linear; the modulation depends only on (class, position), so it is computed for a
   window of positions in one large matmul instead of one skinny matmul per step;
 - per block the four linears (on CPU, `DecodeLinear`s whose kernel and layout follow the row
-  count and the CPU's capability, among them the compiled `rar.sampling.linear_kernel`) and the q/k-norm affines stacked for one fused op;
+  count and the CPU's capability, among them the compiled `rar.sampling.linear_kernel`) and the
+  q/k-norm affines stacked for one fused op;
 - the attention over the KV cache: the compiled `rar.sampling.attention_kernel` in fp32 on CPU
   where it can be built, torch's kernels otherwise;
 - `description`, which says what runs and why.
@@ -185,9 +186,11 @@ def prepare(model: RAR, *, device=None, dtype: torch.dtype | None = None, rows: 
             attention_name = f"torch attention ({kernel})"
         else:
             attention, attention_name = kernel, f"rar.attention_kernel ({' '.join(kernel.flags) or 'default flags'})"
-    few_rows = linear_kernel.load(cap.compiler_flags()) if compute == torch.float32 and compiled_linear else None
-    if compute == torch.float32 and compiled_linear and few_rows is None:
-        notes.append(f"no rar.linear_kernel ({linear_kernel.unavailable_reason(cap.compiler_flags())})")
+    few_rows = None
+    if compute == torch.float32 and compiled_linear:
+        few_rows = linear_kernel.load(cap.compiler_flags())
+        if few_rows is None:
+            notes.append(f"no rar.linear_kernel ({linear_kernel.unavailable_reason(cap.compiler_flags())})")
     kernels = {r: cap.kernel(compute, r, compiled=few_rows is not None) for r in (1, 2, 16)}
     text = (f"cpu ({cap.describe()}): {str(compute).removeprefix('torch.')} linears "
             + ", ".join(f"{r} rows {k}" for r, k in kernels.items()) + f"; attention: {attention_name}")

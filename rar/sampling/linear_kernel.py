@@ -78,7 +78,8 @@ def build(flags=None) -> FewRowsLinear:
 def load(flags=None) -> FewRowsLinear | None:
     """The kernel for `flags` (default: this CPU's), built on the first call of the process; None
     where it cannot be."""
-    return _built.get(compiled.default_flags(flags), lambda: build(flags))
+    flags = compiled.default_flags(flags)
+    return _built.get(flags, lambda: build(flags))
 
 
 def unavailable_reason(flags=None) -> str | None:

@@ -24,7 +24,7 @@ from ..common import mix_seed
 from ..model.transformer import RAR
 from .decoder import DecodeBackend
 from .editing import edit
-from .sampler import as_backend, check_indices, check_labels
+from .sampler import as_backend, check_indices, check_labels, check_tokens
 
 SELECT = ("likelihood", "random")
 
@@ -121,8 +121,7 @@ def refine(model: RAR | DecodeBackend, tokens, labels, *, rounds: int = 1, fract
     a sample's result depends only on (seed, index). fraction = 0 or rounds = 0 returns the input."""
     settings = RefineSettings(rounds, fraction, select, groups)
     backend = as_backend(model)
-    from ..evaluation.likelihood import check_tokens
-    out = check_tokens(tokens, backend.model)
+    out = check_tokens(tokens, backend.config, backend.device)
     for out in iter_refine(backend, out, labels, settings, seed=seed, indices=indices,
                            guidance_scale=guidance_scale, guidance_scale_pow=guidance_scale_pow,
                            temperature=temperature, top_k=top_k, top_p=top_p):
