@@ -81,6 +81,9 @@ static void tile8(const float *xt, const float *w, int64_t kn, float *acc, int f
   _mm256_store_ps(acc + 24, a3), _mm256_store_ps(acc + 32, a4), _mm256_store_ps(acc + 40, a5);
 }
 
+/* Rows in group g: 16, or 8 for a last group padded to 8 (`padded` rows in all). */
+static inline int64_t group_width(int64_t g, int64_t padded) { return g * 16 + 16 <= padded ? 16 : 8; }
+
 /* Grown per calling thread and kept: a fresh buffer per call would fault in fresh pages each time. */
 static __thread float *scratch;
 static __thread size_t scratch_floats;
@@ -100,7 +103,7 @@ int few_rows_linear(const float *x, const float *packed, const float *bias, floa
   }
   float *xt = scratch, *acc = scratch + K * padded; /* xt: group g at g * 16 K; acc: panel p at p * 6 padded */
   for (int64_t g = 0; g < groups; g++) {
-    int64_t width = g * 16 + 16 <= padded ? 16 : 8;
+    int64_t width = group_width(g, padded);
     float *dst = xt + g * 16 * K;
     for (int64_t k = 0; k < K; k++)
       for (int64_t r = 0; r < width; r++) dst[k * width + r] = g * 16 + r < rows ? x[(g * 16 + r) * K + k] : 0.f;
@@ -115,7 +118,7 @@ int few_rows_linear(const float *x, const float *packed, const float *bias, floa
       for (int64_t p = p0; p < p1; p++)
         for (int64_t g = 0; g < groups; g++) {
           float *a = acc + p * NR * padded + g * 16 * NR;
-          if (g * 16 + 16 <= padded)
+          if (group_width(g, padded) == 16)
             tile16(xt + g * 16 * K + k0 * 16, chunk + p * kn * NR, kn, a, k0 == 0);
           else
             tile8(xt + g * 16 * K + k0 * 8, chunk + p * kn * NR, kn, a, k0 == 0);
@@ -123,7 +126,7 @@ int few_rows_linear(const float *x, const float *packed, const float *bias, floa
     }
     for (int64_t p = p0; p < p1; p++) /* acc [j][row] per group -> y[row][n], plus the bias */
       for (int64_t g = 0; g < groups; g++) {
-        int64_t width = g * 16 + 16 <= padded ? 16 : 8;
+        int64_t width = group_width(g, padded);
         const float *a = acc + p * NR * padded + g * 16 * NR;
         for (int j = 0; j < NR && p * NR + j < N; j++) {
           float b = bias ? bias[p * NR + j] : 0.f;
