@@ -33,8 +33,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    from rar.sampling import generate, prepare
-    from rar.sampling.editing import edit
+    from rar.inference import generate, prepare
+    from rar.inference.editing import edit
 
     torch.set_num_threads(args.threads)
     model = build_model(args.preset, "cpu", torch.float32)

@@ -26,10 +26,10 @@ def main() -> None:
     from pathlib import Path
 
     from rar.data.mnist import load_mnist_digits
-    from rar.evaluation.digits import train_digit_classifier
-    from rar.evaluation.editing_digits import evaluate_editing, format_table
+    from rar.metrics.digits import train_digit_classifier
+    from rar.apps.editing_digits import evaluate_editing, format_table
     from rar.model.weights import load_generator
-    from rar.sampling.cpu import CPUCapability
+    from rar.decode.cpu.capability import CPUCapability
     from rar.tokenizer.vqgan import load_any_tokenizer
 
     demo = Path(args.demo)

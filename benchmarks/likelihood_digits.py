@@ -41,13 +41,13 @@ def main() -> None:
                     help="guidance scale of the resampled tokens (default: the generator's, as in sampling)")
     args = ap.parse_args()
     from rar.data.mnist import load_mnist_digits
-    from rar.evaluation.digits import classify as digit_classify, train_digit_classifier
-    from rar.evaluation.editing_digits import decode_uint8, encode_digits, score
-    from rar.evaluation.likelihood import classify, log_likelihood
+    from rar.metrics.digits import predict_digits as digit_classify, train_digit_classifier
+    from rar.apps.editing_digits import decode_uint8, encode_digits, score
+    from rar.inference.likelihood import classify, log_likelihood
     from rar.model.weights import load_generator
-    from rar.sampling import generate, prepare
-    from rar.sampling.cpu import CPUCapability
-    from rar.sampling.refine import RefineSettings, iter_refine
+    from rar.inference import generate, prepare
+    from rar.decode.cpu.capability import CPUCapability
+    from rar.inference.refinement import RefineSettings, iter_refine
     from rar.tokenizer.vqgan import load_any_tokenizer
 
     demo = Path(args.demo)

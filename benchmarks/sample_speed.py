@@ -7,7 +7,7 @@ weights in the same run.
 Each measurement runs in its own subprocess so that peak memory (ru_maxrss) belongs to it alone;
 with --rounds N the implementations alternate N times and each one's best run counts. rar prepares
 its weights once per process, in the layout for the batch's row count
-(`rar.sampling.prepare(model, rows=)`, as `rar sample` does once); that one-off time is printed
+(`rar.prepare(model, rows=)`, as `rar sample` does once); that one-off time is printed
 apart, as is what the backend runs (`--no-linear-kernel`: oneDNN instead of rar's few-rows
 linear kernel; `--no-attention-kernel`: torch's attention instead of rar's compiled one).
 Beside every ratio it prints the host: torch's CPU capability, the DRAM read bandwidth and the
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -92,7 +93,7 @@ def official_model(repo: str, ours, device, dtype):
 
 
 def run_one(args) -> dict:
-    from rar.sampling import generate, prepare
+    from rar import generate, prepare  # the public names: `--before` runs this with another checkout's rar
 
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
@@ -177,7 +178,7 @@ def dram_read_bandwidth(threads: int, mib: int = 512, trials: int = 5) -> float:
 
 def host_line(threads: int, dtype: torch.dtype) -> tuple[str, dict]:
     """This host's CPU capability, DRAM read bandwidth and matmul peak, printed beside every ratio."""
-    from rar.sampling.cpu import CPUCapability
+    from rar.decode.cpu.capability import CPUCapability
 
     cap = CPUCapability.detect()
     peak, bw = matmul_peak(threads, dtype), dram_read_bandwidth(threads)
@@ -202,6 +203,8 @@ def main() -> None:
     ap.add_argument("--linear-kernel", action=argparse.BooleanOptionalAction, default=True,
                     help="rar's compiled few-rows linear kernel (fp32); --no-linear-kernel keeps oneDNN")
     ap.add_argument("--official-repo", default=None, help="checkout of bytedance/1d-tokenizer to compare against")
+    ap.add_argument("--before", default=None, metavar="CHECKOUT",
+                    help="also run rar from this checkout (e.g. a git worktree of an earlier commit), alternating")
     ap.add_argument("--impl", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.impl:  # child process
@@ -211,11 +214,12 @@ def main() -> None:
 
     cfg = get_preset(args.preset).config
     guided = get_preset(args.preset).sampling.guidance_scale not in (0, 1)
-    results, runs = {}, {"official": [], "ours": []}
+    results, runs = {}, {"official": [], "ours": [], "before": []}
     for _ in range(args.rounds):  # alternate the implementations: slow drifts of the machine hit both
-        for impl in (["official"] if args.official_repo else []) + ["ours"]:
+        for impl in (["official"] if args.official_repo else []) + (["before"] if args.before else []) + ["ours"]:
             cmd = [sys.executable, __file__, *sys.argv[1:], "--impl", impl]
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            env = {**os.environ, "PYTHONPATH": args.before} if impl == "before" else None
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
             r = json.loads(out.strip().splitlines()[-1])
             print(f"  {impl}: {r['seconds_per_batch']:.2f} s/batch", flush=True)
             runs[impl].append(r["seconds_per_batch"])
@@ -243,6 +247,12 @@ def main() -> None:
               + ", ".join(f"{x:.2f}x" for x in summary["paired_speedups"])
               + f" (median {statistics.median(summary['paired_speedups']):.2f}x); "
               f"greedy tokens identical: {summary['tokens_identical_to_official']}")
+    if "before" in results:
+        paired = [b / u for b, u in zip(runs["before"], runs["ours"])]
+        summary["speedup_vs_before"] = results["before"]["seconds_per_batch"] / results["ours"]["seconds_per_batch"]
+        summary["tokens_identical_to_before"] = results["before"]["tokens"] == results["ours"]["tokens"]
+        print(f"this checkout vs {args.before}: {summary['speedup_vs_before']:.3f}x best vs best; per round: "
+              + ", ".join(f"{x:.3f}x" for x in paired) + f"; tokens identical: {summary['tokens_identical_to_before']}")
     if host:
         print(host)
     print(json.dumps(summary))

@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 CHILD = """
 import json, sys, time
-from rar.runconfig import load_config
+from rar.core.runconfig import load_config
 from rar.training.config import TrainConfig
 from rar.training.loop import train
 cfg = load_config(TrainConfig, sys.argv[1], sys.argv[3:])

@@ -1,8 +1,11 @@
 """rar: Randomized Autoregressive visual generation (Yu et al., ICCV 2025, arXiv 2411.00776).
 
-The package follows the data: `rar.tokenizer` (images -> tokens), `rar.data` (token shards,
-batches), `rar.model` (config, transformer, orders, weight files), `rar.training`, `rar.sampling`
-(labels -> tokens), `rar.evaluation` (images -> metrics). See docs/architecture.md.
+Layers, each importing only those before it: `rar.core` (files, seeds, devices, configs, input
+checks, weight names) -> `rar.model` (config, transformer, orders, weight files) -> `rar.decode`
+(the decode engine: backend, KV cache, CPU kernels) -> `rar.inference` (generate, edit, refine,
+likelihood) -> `rar.data` (images, token shards, batches) -> `rar.tokenizer` (VQGAN, its
+training, the shard writer) -> `rar.metrics` -> `rar.training` -> `rar.apps` (the CLI, the web
+app, the demo, file front-ends). See docs/architecture.md.
 
 Public names are imported lazily so that `import rar` and `rar --help` stay fast.
 """
@@ -20,7 +23,7 @@ _EXPORTS = {
     "Preset": "rar.model.config",
     "PRESETS": "rar.model.config",
     "RAR": "rar.model.transformer",
-    "KVCache": "rar.sampling.cached_decoder",
+    "KVCache": "rar.decode.cache",
     "load_official_generator": "rar.model.weights",
     "save_generator": "rar.model.weights",
     "load_generator": "rar.model.weights",
@@ -28,29 +31,33 @@ _EXPORTS = {
     "sample_orders": "rar.model.orders",
     "named_order": "rar.model.orders",
     "drop_labels": "rar.model.orders",
-    "generate": "rar.sampling.sampler",
-    "cached_logits": "rar.sampling.sampler",
-    "edit": "rar.sampling.editing",
-    "from_pretrained": "rar.hub",
-    "refine": "rar.sampling.refine",
-    "log_likelihood": "rar.evaluation.likelihood",
-    "classify": "rar.evaluation.likelihood",
-    "prepare": "rar.sampling.decoder",
+    "generate": "rar.inference.sampler",
+    "SamplingSettings": "rar.inference.sampler",
+    "cached_logits": "rar.inference.sampler",
+    "edit": "rar.inference.editing",
+    "from_pretrained": "rar.apps.hub",
+    "refine": "rar.inference.refinement",
+    "log_likelihood": "rar.inference.likelihood",
+    "classify": "rar.inference.likelihood",
+    "prepare": "rar.decode.backend",
     "VQGAN": "rar.tokenizer.vqgan",
     "VQGANConfig": "rar.tokenizer.vqgan",
     "load_official_tokenizer": "rar.tokenizer.vqgan",
     "load_any_tokenizer": "rar.tokenizer.vqgan",
     "save_tokenizer": "rar.tokenizer.vqgan",
     "TokenShards": "rar.data.shards",
-    "tokenize_folder": "rar.data.shards",
-    "tokenize_dataset": "rar.data.shards",
+    "tokenize_folder": "rar.tokenizer.shard_writer",
+    "tokenize_dataset": "rar.tokenizer.shard_writer",
     "train_tokenizer": "rar.tokenizer.training",
     "train": "rar.training.loop",
     "TrainConfig": "rar.training.config",
 }
 # subpackages and modules reachable as attributes after a bare `import rar`
-_MODULES = {"model": "rar.model", "tokenizer": "rar.tokenizer", "data": "rar.data", "training": "rar.training",
-            "sampling": "rar.sampling", "evaluation": "rar.evaluation", "metrics": "rar.evaluation.metrics"}
+_MODULES = {"core": "rar.core", "model": "rar.model", "decode": "rar.decode", "inference": "rar.inference",
+            "tokenizer": "rar.tokenizer", "data": "rar.data", "training": "rar.training", "metrics": "rar.metrics",
+            "apps": "rar.apps",
+            # earlier names of two layers, kept for code written against them
+            "sampling": "rar.inference", "evaluation": "rar.metrics"}
 
 __all__ = sorted(_EXPORTS) + sorted(_MODULES) + ["__version__"]
 

@@ -5,8 +5,8 @@ import statistics
 
 import pytest
 
-from rar.cli import main
-from rar.training.ablate import aggregate
+from rar.apps.cli import main
+from rar.apps.ablate import aggregate
 
 STUDY = """
 name: tiny

@@ -5,10 +5,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rar.sampling import attention_kernel, compiled, linear_kernel
-from rar.sampling import cached_logits, generate, prepare
-from rar.sampling.decoder import single_query_attention
+from rar.decode.cpu import attention_kernel, toolchain
+from rar.decode.cpu.capability import CPUCapability
+from rar.inference import cached_logits, generate, prepare
+from rar.decode.backend import single_query_attention
 from tests.conftest import CAN_COMPILE, LINUX_OPENMP
+
+FLAGS = CPUCapability.detect().compiler_flags()  # this CPU's
 
 needs_kernel = pytest.mark.skipif(not CAN_COMPILE, reason="needs Linux, a C compiler and an OpenMP build of torch")
 
@@ -27,8 +30,8 @@ def cache_slices(g, rows, heads, length, head_dim, scale=1.0):
 def test_kernel_is_as_accurate_as_torch_attention(head_dim, length, scale):
     """Against a float64 reference, within 2x the error of torch's fused fp32 kernel. (Scale 5 gives
     scores up to ~100; much larger scores make both kernels' errors grow with the scores' rounding.)"""
-    kernel = attention_kernel.load(head_dim)
-    assert kernel is not None, attention_kernel.unavailable_reason(head_dim)
+    kernel = attention_kernel.load(head_dim, FLAGS)
+    assert kernel is not None, attention_kernel.unavailable_reason(head_dim, FLAGS)
     q, k, v = cache_slices(torch.Generator().manual_seed(length), 6, 4, length, head_dim, scale)
     exact = F.scaled_dot_product_attention(q[:, :, None].double(), k.double(), v.double()).view(6, -1)
     torch_err = (F.scaled_dot_product_attention(q[:, :, None], k, v).view(6, -1) - exact).abs().max()
@@ -39,8 +42,8 @@ def test_kernel_is_as_accurate_as_torch_attention(head_dim, length, scale):
 
 @needs_kernel
 def test_kernel_does_not_depend_on_the_thread_count_and_rejects_other_inputs():
-    kernel = attention_kernel.load(48)
-    assert kernel is not None, attention_kernel.unavailable_reason(48)
+    kernel = attention_kernel.load(48, FLAGS)
+    assert kernel is not None, attention_kernel.unavailable_reason(48, FLAGS)
     q, k, v = cache_slices(torch.Generator().manual_seed(0), 7, 5, 99, 48)
     threads = torch.get_num_threads()
     try:
@@ -66,9 +69,9 @@ def test_kernel_does_not_depend_on_the_thread_count_and_rejects_other_inputs():
 
 @needs_kernel
 def test_a_kernel_on_another_openmp_runtime_is_refused(monkeypatch):
-    monkeypatch.setattr(compiled, "_torch_openmp", lambda: "/elsewhere/libgomp.so.1")
+    monkeypatch.setattr(toolchain, "_torch_openmp", lambda: "/elsewhere/libgomp.so.1")
     with pytest.raises(RuntimeError, match=r"OpenMP runtime \(.*libgomp.*\) is not torch's \(/elsewhere/libgomp.so.1\)"):
-        attention_kernel.build(48)
+        attention_kernel.build(48, FLAGS)
 
 
 @needs_kernel
@@ -97,10 +100,8 @@ def test_sampler_runs_the_kernel_with_the_same_results(tiny_official, rar_refere
 
 @pytest.mark.skipif(not LINUX_OPENMP, reason="elsewhere the kernel is refused before looking for a compiler")
 def test_without_a_compiler_the_sampler_says_so_and_uses_torch(tiny_official, rar_reference, monkeypatch):
-    monkeypatch.setattr(attention_kernel, "_built", compiled.Built())  # forget the kernels built so far
-    monkeypatch.setattr(linear_kernel, "_built", compiled.Built())
-    monkeypatch.setattr(compiled.shutil, "which", lambda name: None)
-    packed = prepare(tiny_official)
+    monkeypatch.setattr(toolchain.shutil, "which", lambda name: None)
+    packed = prepare(tiny_official, builds=toolchain.KernelBuilds())  # a fresh cache: nothing built yet
     assert packed.attention is single_query_attention
     assert packed.attention_name == "torch attention (no C compiler (cc or gcc) on PATH)"
     assert "attention: torch attention (no C compiler" in packed.description
@@ -110,7 +111,7 @@ def test_without_a_compiler_the_sampler_says_so_and_uses_torch(tiny_official, ra
 
 
 def test_caches_longer_than_the_kernel_takes_use_torch_attention(tiny_official, monkeypatch):
-    from rar.sampling.cached_decoder import CachedDecoder
+    from rar.decode.cache import CachedDecoder
     packed = prepare(tiny_official)
     labels, order = torch.tensor([1, 2]), torch.arange(tiny_official.config.num_tokens)
     assert CachedDecoder(packed, labels, order).attention is packed.attention

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from rar import RAR, RARConfig, Regularization, generate
-from rar.cli import main
+from rar.apps.cli import main
 from rar.model.weights import save_generator
 from rar.tokenizer.vqgan import VQGAN, VQGANConfig, save_tokenizer
 
@@ -77,7 +77,7 @@ CLI_CASES = {
     "train out_dir is a file": (["train", "{C}", "out_dir={D}/a_file"], "existing file"),
     "train sample class too big": (["train", "{C}", "sample_classes=[99]"], "sample_classes"),
     "train missing data": (["train", "{C}", "data.synthetic=false", "data.path={D}/nowhere"], "nowhere"),
-    # rar sample: sampling arguments are checked in one place (rar.sampling.resolve_settings)
+    # rar sample: sampling arguments are checked in one place (rar.inference.resolve_settings)
     "sample top_k=-5": (["sample", "{G}", "--top-k", "-5"], "top_k"),
     "sample top_k=0": (["sample", "{G}", "--top-k", "0"], "top_k"),
     "sample top_p=0": (["sample", "{G}", "--top-p", "0"], "top_p"),
@@ -205,7 +205,7 @@ def test_config_objects_reject_bad_values():
 def test_sample_eval_refuses_to_mix_settings_and_overwrite_redoes(files, tmp_path, capsys):
     """Interrupted, then rerun with another seed (or count, chunk size, generator), the file would
     mix two runs: refused, naming the difference; --overwrite redoes what differs."""
-    from rar.evaluation.sample_npz import SETTINGS_KEY, chunk_path, sample_eval
+    from rar.apps.sample_npz import SETTINGS_KEY, chunk_path, sample_eval
     from rar.model.weights import load_generator
     from rar.tokenizer.vqgan import load_any_tokenizer
 
@@ -239,7 +239,7 @@ def test_sample_eval_refuses_to_mix_settings_and_overwrite_redoes(files, tmp_pat
 
 
 def test_train_resume_never_mixes_runs_and_a_finished_run_is_left_alone(files, tmp_path, capsys):
-    from rar.training.run_folder import read_metrics
+    from rar.training.logs import read_metrics
 
     run = tmp_path / "run"
     argv = ["train", ROOT / "configs" / "tiny_synthetic.yaml", *TINY, f"out_dir={run}", "max_steps=4"]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rar.cli import main
+from rar.apps.cli import main
 
 from conftest import save_tiny_pair
 

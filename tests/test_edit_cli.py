@@ -8,9 +8,9 @@ import torch
 from PIL import Image
 
 from conftest import save_tiny_pair
-from rar.cli import main
+from rar.apps.cli import main
 from rar.data.images import center_crop_mask
-from rar.sampling.image_editing import feather, token_mask, window_plan
+from rar.inference.image_editing import feather, token_mask, window_plan
 
 
 @pytest.fixture(scope="module")

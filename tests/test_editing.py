@@ -1,12 +1,12 @@
-"""Kept-first any-order decoding (`rar.sampling.editing.edit`): per-row orders and the one-pass
+"""Kept-first any-order decoding (`rar.edit`): per-row orders and the one-pass
 prefill of known tokens against the full forward, kept tokens, reproducibility, edge cases."""
 import pytest
 import torch
 
 from rar import RAR, RARConfig
 from rar.model.orders import sample_orders
-from rar.sampling import cached_logits, generate, prepare
-from rar.sampling.editing import edit, kept_first_orders
+from rar.inference import cached_logits, generate, prepare
+from rar.inference.editing import edit, kept_first_orders
 
 
 def _random_case(model, B, seed, kept_counts):

@@ -45,7 +45,7 @@ def _offline_env(cache):
 
 def test_names_resolve_from_the_cache_offline(hub_cache):
     cache, gen, vq = hub_cache
-    from rar.hub import from_pretrained
+    from rar.apps.hub import from_pretrained
     model = from_pretrained("rar_b", cache_dir=cache, offline=True)
     assert isinstance(model, RAR) and model.config == gen.config
     torch.testing.assert_close(model.lm_head.weight, gen.lm_head.weight)
@@ -72,7 +72,7 @@ def test_cli_takes_names_with_hf_hub_offline(hub_cache, tmp_path):
 
 
 def test_local_paths_win_and_never_touch_the_hub(tmp_path, monkeypatch):
-    import rar.hub as hub
+    import rar.core.names as hub
     monkeypatch.setattr(hub, "_hub", lambda: (_ for _ in ()).throw(AssertionError("the hub was asked")))
     torch.manual_seed(0)
     model = RAR.from_preset("tiny", hidden_size=32, num_layers=1, num_heads=2, mlp_size=64).eval()
@@ -96,7 +96,7 @@ def test_names_without_huggingface_hub_say_what_to_install(monkeypatch, tmp_path
 
 
 def test_imagenet_class_names_ship_with_the_package():
-    from rar.sampling.to_folder import imagenet_class_names, parse_classes
+    from rar.apps.classes import imagenet_class_names, parse_classes
     names = imagenet_class_names()
     assert len(names) == 1000 and names[207] == "golden retriever" and names[0].startswith("tench")
     assert parse_classes("golden retriever,volcano,Tinca tinca,1", 1000, names) == [207, 980, 0, 1]

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from rar.evaluation import inception
-from rar.evaluation.inception import InceptionV3Features, load_inception, load_weights, resize_bilinear_tf1
-from rar.evaluation.metrics import evaluate_npz, load_reference
+from rar.metrics import inception
+from rar.metrics.inception import InceptionV3Features, load_inception, load_weights, resize_bilinear_tf1
+from rar.metrics.fidelity import evaluate_npz, load_reference
 
 N_IMAGES = 4  # the fewest that allow k = 3 nearest neighbours
 

@@ -5,10 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rar.evaluation.likelihood import classify, log_likelihood
+from rar.inference.likelihood import classify, log_likelihood
 from rar.model.orders import named_order
-from rar.sampling import generate
-from rar.sampling.refine import context_scores, refine
+from rar.inference import generate
+from rar.inference.refinement import context_scores, refine
 
 
 def _data(model, B=3, seed=0):
@@ -103,7 +103,7 @@ def test_refine_changes_only_picked_tokens_reproducibly(tiny_official, select):
 
 
 def test_refine_picks_the_least_likely_tokens(tiny_official, monkeypatch):
-    import rar.sampling.refine as rf
+    import rar.inference.refinement as rf
     cfg = tiny_official.config
     tokens, labels = _data(tiny_official, B=2)
     fake = torch.zeros(2, cfg.num_tokens)

@@ -1,10 +1,10 @@
-"""The compiled few-rows linear (`rar.sampling.linear_kernel`) against float64 and torch's fp32."""
+"""The compiled few-rows linear (`rar.decode.cpu.linear_kernel`) against float64 and torch's fp32."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from rar.sampling import linear_kernel
-from rar.sampling.cpu import CPUCapability
+from rar.decode.cpu import linear_kernel
+from rar.decode.cpu.capability import CPUCapability
 from tests.conftest import CAN_COMPILE
 
 CAN_BUILD = CAN_COMPILE and CPUCapability.detect().isa in ("AVX2", "AVX512")
@@ -12,8 +12,8 @@ needs_kernel = pytest.mark.skipif(not CAN_BUILD, reason="needs Linux, a C compil
 
 
 def _kernel():
-    kernel = linear_kernel.load()
-    assert kernel is not None, linear_kernel.unavailable_reason()
+    kernel = linear_kernel.load(CPUCapability.detect().compiler_flags())
+    assert kernel is not None, linear_kernel.unavailable_reason(CPUCapability.detect().compiler_flags())
     return kernel
 
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from rar.evaluation.metrics import (
+from rar.metrics.fidelity import (
     evaluate_npz,
     feature_statistics,
     frechet_distance,

@@ -9,7 +9,7 @@ import torch
 
 from rar import RAR
 from rar.model.weights import save_generator
-from rar.evaluation.sample_npz import assemble_npz, sample_eval
+from rar.apps.sample_npz import assemble_npz, sample_eval
 from rar.tokenizer.vqgan import VQGAN, VQGANConfig, load_any_tokenizer, save_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,7 +42,7 @@ def test_sharded_killed_and_resumed_equals_one_process(tmp_path):
     rank1 = f"""
         import os, signal, torch
         from rar.model.weights import load_generator
-        from rar.evaluation.sample_npz import sample_eval
+        from rar.apps.sample_npz import sample_eval
         from rar.tokenizer.vqgan import load_any_tokenizer
         def die(chunk):
             if DO_DIE:
@@ -82,8 +82,8 @@ def test_cli_writes_the_same_file_and_skips_when_done(tmp_path):
 def test_refinement_is_recorded_and_a_different_setting_is_refused(tmp_path):
     import pytest
 
-    from rar.evaluation.sample_npz import read_settings
-    from rar.sampling.refine import RefineSettings
+    from rar.apps.sample_npz import read_settings
+    from rar.inference.refinement import RefineSettings
 
     gen, tok = make_models(tmp_path)
     kw = {**KW, "num_classes": 1, "num_per_class": 2}

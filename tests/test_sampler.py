@@ -5,7 +5,7 @@ import torch
 
 from rar import RAR, RARConfig
 from rar.model.orders import named_order, sample_orders
-from rar.sampling import cached_logits, filter_logits, generate, guidance_schedule, prepare
+from rar.inference import cached_logits, filter_logits, generate, guidance_schedule, prepare
 
 
 SETTINGS = {"g16.0_pow2.75": (16.0, 2.75), "g4.0_pow0.0": (4.0, 0.0)}
@@ -54,7 +54,7 @@ def test_cached_equals_full_forward_every_step(tiny_official, order):
 
 @pytest.mark.parametrize("min_rows,window", [(1, 1), (10, 5)])
 def test_modulation_window_boundaries_do_not_change_logits(tiny_official, monkeypatch, min_rows, window):
-    import rar.sampling.cached_decoder as decoder
+    import rar.decode.cache as decoder
     tokens = torch.randint(0, 32, (2, 16), generator=torch.Generator().manual_seed(0))
     labels = torch.tensor([1, 10])
     whole = cached_logits(tiny_official, tokens, labels)
@@ -145,7 +145,7 @@ def test_folded_adaln_equals_modulate_of_the_norms(tiny_official):
     """The decode step's folded adaLN gives x_hat * a + c == modulate(norm(x), shift, scale)."""
     import torch.nn.functional as F
     from rar.model.transformer import modulate
-    from rar.sampling import fold_adaln
+    from rar.inference import fold_adaln
 
     m, D = tiny_official, tiny_official.config.hidden_size
     cond = m.condition(torch.tensor([0, 5, m.config.num_classes]))  # (3, T+1, D)
@@ -165,7 +165,7 @@ def test_folded_adaln_equals_modulate_of_the_norms(tiny_official):
 
 
 def test_rows_builds_only_the_layouts_of_that_row_count(tiny_official):
-    from rar.sampling.cpu import DecodeLinear
+    from rar.decode.cpu.linear import DecodeLinear
 
     labels = torch.tensor([3, 4])
     backend = prepare(tiny_official)
@@ -187,15 +187,16 @@ def test_decode_linear_equals_linear_for_every_kernel(rows, dtype, kernel, monke
     are partly filled. oneDNN's bf16 kernel needs AVX512-BW/VL/DQ or AVX-NE-CONVERT, and few_rows
     AVX2 and a C compiler: where they are missing that case is skipped (the fallbacks are tested
     below)."""
-    from rar.sampling import linear_kernel
-    from rar.sampling.cpu import GEMV_K_CHUNK, CPUCapability, DecodeLinear
+    from rar.decode.cpu import linear_kernel
+    from rar.decode.cpu.capability import GEMV_K_CHUNK, CPUCapability
+    from rar.decode.cpu.linear import DecodeLinear
 
     cap = CPUCapability.detect()
     if kernel == "onednn" and not (cap.onednn and (dtype == torch.float32 or cap.onednn_bf16)):
         pytest.skip(f"oneDNN cannot run {dtype} on this CPU ({cap.describe()})")
-    few_rows = linear_kernel.load() if kernel == "few_rows" else None
+    few_rows = linear_kernel.load(CPUCapability.detect().compiler_flags()) if kernel == "few_rows" else None
     if kernel == "few_rows" and few_rows is None:
-        pytest.skip(f"no rar.linear_kernel here: {linear_kernel.unavailable_reason()}")
+        pytest.skip(f"no rar.linear_kernel here: {linear_kernel.unavailable_reason(CPUCapability.detect().compiler_flags())}")
     monkeypatch.setattr(CPUCapability, "kernel", lambda self, dt, r, compiled=False: kernel)
     g = torch.Generator().manual_seed(0)
     lin = torch.nn.Linear(2 * GEMV_K_CHUNK + 100, 29)
@@ -213,7 +214,7 @@ def test_decode_linear_equals_linear_for_every_kernel(rows, dtype, kernel, monke
 
 
 def test_kernel_choice_follows_the_cpu_capability():
-    from rar.sampling.cpu import CPUCapability
+    from rar.decode.cpu.capability import CPUCapability
 
     avx512 = CPUCapability("AVX512", onednn=True, onednn_bf16=True)
     avx2 = CPUCapability("AVX2", onednn=True, onednn_bf16=False)
@@ -238,7 +239,7 @@ def test_forced_fallbacks_decode_like_the_reference(tiny_official, rar_reference
     decoded in fp32 and says so; every path reproduces the official greedy tokens in fp32."""
     import copy
 
-    from rar.sampling.cpu import CPUCapability
+    from rar.decode.cpu.capability import CPUCapability
 
     cap = (CPUCapability("AVX2", onednn=True, onednn_bf16=False) if capability.startswith("AVX2")
            else CPUCapability("DEFAULT", onednn=False, onednn_bf16=False))
@@ -258,7 +259,7 @@ def test_bf16_single_query_attention_is_close_to_fp32(monkeypatch):
     """bf16 decoding on CPU uses two matmuls around an fp32 softmax instead of the fused kernel;
     its error against fp32 stays within 2.5x the fused bf16 kernel's (RAR's head size, q/k-normed)."""
     import torch.nn.functional as F
-    from rar.sampling.decoder import single_query_attention as _single_query_attention
+    from rar.decode.backend import single_query_attention as _single_query_attention
 
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(3, 4, n, 64, generator=g) for n in (1, 37, 37))

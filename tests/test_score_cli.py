@@ -8,9 +8,9 @@ import torch
 from PIL import Image
 
 from conftest import save_tiny_pair
-from rar.cli import main
-from rar.data.shards import tokenize_dataset
-from rar.evaluation.likelihood import classify, log_likelihood
+from rar.apps.cli import main
+from rar.tokenizer.shard_writer import tokenize_dataset
+from rar.inference.likelihood import classify, log_likelihood
 from rar.model.weights import load_generator
 
 

@@ -9,7 +9,9 @@ from PIL import Image
 
 from rar.data.images import center_crop_adm
 from rar.data.images import list_image_folder
-from rar.data.shards import TokenShards, rank_and_world_size, tokenize_dataset, tokenize_folder
+from rar.data.shards import TokenShards
+from rar.core.devices import rank_and_world_size
+from rar.tokenizer.shard_writer import tokenize_dataset, tokenize_folder
 from rar.tokenizer.vqgan import VQGANConfig, load_official_tokenizer, save_tokenizer
 
 @pytest.fixture(scope="module")

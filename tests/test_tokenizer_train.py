@@ -9,7 +9,7 @@ import pytest
 
 from rar.tokenizer.training import TokenizerTrainConfig, reconstruct, reconstruct_images, train_tokenizer
 from rar.tokenizer.vqgan import VQGANConfig, load_tokenizer
-from rar.runconfig import load_config, save_config
+from rar.core.runconfig import load_config, save_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

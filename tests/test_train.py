@@ -13,7 +13,7 @@ from rar.model.weights import load_generator
 from rar.model.orders import random_ratio
 from rar.training.loop import lr_at, param_groups, train
 from rar.training.config import TrainConfig
-from rar.runconfig import load_config
+from rar.core.runconfig import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=2", "model.mlp_size=64",
@@ -70,7 +70,7 @@ def test_sigkill_and_resume_logs_the_same_losses(tmp_path):
         import os, signal
         from rar.training.loop import train
         from rar.training.config import TrainConfig
-        from rar.runconfig import load_config
+        from rar.core.runconfig import load_config
         cfg = load_config(TrainConfig, 'configs/tiny_synthetic.yaml', ['out_dir=%s'] + {SMALL!r})
         def kill(step):
             if step == KILL_AT:
@@ -173,8 +173,8 @@ def test_official_recipe_configs(name):
 DDP_SCRIPT = """
 import os, signal, sys
 import torch.distributed as dist
-from rar.cli import _init_distributed
-from rar.runconfig import load_config
+from rar.apps.cli import _init_distributed
+from rar.core.runconfig import load_config
 from rar.training.config import TrainConfig
 from rar.training.loop import train
 cfg = load_config(TrainConfig, 'configs/tiny_synthetic.yaml', sys.argv[2:])
@@ -287,19 +287,15 @@ def test_one_run_per_out_dir_and_a_dead_runs_lock_is_taken_over(tmp_path):
 def test_sample_grid_is_generated_in_the_runs_scan_order(tmp_path, order):
     """A run that ends in another scan order (`order=spiral_in`) is sampled in that order: its grid
     is the tokens `generate(order=...)` gives, not the raster ones."""
-    from types import SimpleNamespace
 
     from rar.data.images import save_grid
-    from rar.sampling import generate
+    from rar.inference import generate
     from rar.tokenizer.vqgan import load_any_tokenizer
-    from rar.training.run_folder import sample_grid
+    from rar.training.plots import sample_grid
     from tests.conftest import save_tiny_pair
 
     gen = save_tiny_pair(tmp_path / "g", tmp_path / "t", perturb=0.3)
-    cfg = SimpleNamespace(order=order, sample_classes=[1, 2])  # the two TrainConfig keys it reads
-    tr = SimpleNamespace(rank=0, data=SimpleNamespace(tokenizer=str(tmp_path / "t")), cfg=cfg, raw=gen,
-                         device=torch.device("cpu"), out=tmp_path / "run")
-    path = sample_grid(tr, "samples/final.png", per_class=2)
+    path = sample_grid(gen, str(tmp_path / "t"), tmp_path / "run" / "samples" / "final.png", [1, 2], order, per_class=2)
     labels = torch.tensor([1, 1, 2, 2])
     tok = load_any_tokenizer(tmp_path / "t")
     expect = {o: save_grid(tok.decode(generate(gen, labels, seed=0, order=o)), tmp_path / f"{o}.png", nrow=2)

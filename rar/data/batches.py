@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..common import mix_seed
+from ..core.seeds import mix_seed
+from .shards import TokenShards
 
 
 @dataclass
@@ -46,8 +47,6 @@ def synthetic_tokens(num_samples: int = 2048, num_tokens: int = 64, codebook_siz
 
 def load_token_shards(path: str) -> TokenData:
     """Read a folder written by `rar tokenize` (memory-mapped; nothing is parsed)."""
-    from .shards import TokenShards
-
     shards = TokenShards(path)
     m = shards.manifest
     return TokenData(shards.tokens, np.asarray(shards.labels, dtype=np.int64), len(shards.class_names),

@@ -13,7 +13,8 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from ..files import dataclass_from_dict
+from ..core.checks import check_probability, check_sampling_values
+from ..core.files import dataclass_from_dict
 
 ARCHITECTURE_FIELDS = ("hidden_size", "num_layers", "num_heads", "mlp_size", "num_tokens", "codebook_size",
                        "num_classes")
@@ -71,11 +72,6 @@ class RARConfig:
         return dataclass_from_dict(cls, d)
 
 
-def _probability(owner: str, name: str, value: float) -> None:
-    if not 0.0 <= value < 1.0:  # also rejects NaN
-        raise ValueError(f"{owner}.{name} must be in [0, 1), got {value!r}.")
-
-
 @dataclass(frozen=True)
 class Regularization:
     """Training-time dropout: residual branches and MLP hidden layer, attention probabilities, and
@@ -86,7 +82,7 @@ class Regularization:
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
-            _probability("Regularization", f.name, getattr(self, f.name))
+            check_probability(f"Regularization.{f.name}", getattr(self, f.name))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -100,11 +96,7 @@ class SamplingDefaults:
     temperature: float = 1.0
 
     def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            if not math.isfinite(getattr(self, f.name)):
-                raise ValueError(f"SamplingDefaults.{f.name} must be finite, got {getattr(self, f.name)!r}.")
-        if self.temperature <= 0 or self.guidance_scale_pow < 0:
-            raise ValueError("SamplingDefaults: temperature must be positive and guidance_scale_pow non-negative.")
+        check_sampling_values(self.guidance_scale, self.guidance_scale_pow, self.temperature, owner="SamplingDefaults.")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -151,3 +143,14 @@ def get_preset(name: str) -> Preset:
 def preset_for(config: RARConfig) -> Preset | None:
     """The preset with exactly this architecture, if any (to recover its tuned settings)."""
     return next((p for p in PRESETS.values() if p.config == config), None)
+
+
+FORMAT_NAME = "rar-generator"  # config.json "format" of a saved generator folder
+FORMAT_VERSION = 2  # version 1 kept the dropouts and sampling settings inside one flat "config"
+
+
+def generator_meta(config: RARConfig, regularization: Regularization, sampling: SamplingDefaults,
+                   extra: dict | None = None) -> dict:
+    """The config.json of a saved generator folder; `extra` adds keys such as class names."""
+    return {"format": FORMAT_NAME, "version": FORMAT_VERSION, "config": config.to_dict(),
+            "regularization": regularization.to_dict(), "sampling": sampling.to_dict(), **(extra or {})}

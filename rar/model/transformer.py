@@ -26,7 +26,9 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
-from .config import Preset, RARConfig, Regularization, SamplingDefaults, get_preset, preset_for
+from ..core.files import save_folder
+from ..core.names import upload_folder
+from .config import Preset, RARConfig, Regularization, SamplingDefaults, generator_meta, get_preset, preset_for
 
 PREFIX = 2  # [cls] and [class] come before the image tokens
 NORM_EPS = 1e-6  # every LayerNorm of the model (blocks, qk-norm, head), as upstream
@@ -251,13 +253,11 @@ class RAR(nn.Module):
 
     def save_pretrained(self, directory):
         """config.json + model.safetensors in `directory` (`rar.from_pretrained` loads it)."""
-        from .weights import save_generator
-        return save_generator(self, directory)
+        return save_folder(self, directory, generator_meta(self.config, self.regularization, self.sampling))
 
-    def push_to_hub(self, repo_id: str, **kwargs) -> str:
+    def push_to_hub(self, repo_id: str, *, private: bool = False, token=None) -> str:
         """Upload as config.json + model.safetensors; `rar.from_pretrained("hf://" + repo_id)` loads it."""
-        from ..hub import push_to_hub
-        return push_to_hub(self, repo_id, **kwargs)
+        return upload_folder(self.save_pretrained, repo_id, private=private, token=token)
 
     def reset_parameters(self) -> None:
         """The official init: truncated normal(0.02) for linear/embedding weights and position

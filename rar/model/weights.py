@@ -13,14 +13,14 @@ from pathlib import Path
 
 import torch
 
-from ..files import check_state_dict, dataclass_from_dict, load_strict, read_folder, read_state_dict, save_folder
-from .config import ARCHITECTURE_FIELDS, Preset, RARConfig, Regularization, SamplingDefaults, preset_for, split_flat_config
+from ..core.files import check_state_dict, dataclass_from_dict, load_strict, read_folder, read_state_dict, save_folder
+from ..core.names import resolve
+from .config import (ARCHITECTURE_FIELDS, FORMAT_NAME, Preset, RARConfig, Regularization, SamplingDefaults,
+                     generator_meta, preset_for, split_flat_config)
 from .transformer import PREFIX, RAR
 
 OFFICIAL_POS_EXTRA = 1024  # extra rows of pos_embed / target_aware_pos_embed upstream
 OFFICIAL_TIMESTEP_EXTRA = 100  # extra rows of timesteps_embeddings upstream
-FORMAT_NAME = "rar-generator"
-FORMAT_VERSION = 2  # 1: one flat "config" with the dropouts and sampling settings mixed in
 
 
 def official_shapes(cfg: RARConfig) -> dict[str, tuple[int, ...]]:
@@ -112,9 +112,7 @@ def load_official_generator(path_or_state_dict, config: RARConfig | None = None,
 def save_generator(model: RAR, path: str | os.PathLike, extra: dict | None = None) -> Path:
     """Save to a folder: model.safetensors + config.json (architecture, dropouts, sampling defaults,
     and `extra` such as class names), each written to a temporary name and renamed."""
-    meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "config": model.config.to_dict(),
-            "regularization": model.regularization.to_dict(), "sampling": model.sampling.to_dict(), **(extra or {})}
-    return save_folder(model, path, meta)
+    return save_folder(model, path, generator_meta(model.config, model.regularization, model.sampling, extra))
 
 
 def _folder_configs(meta: dict, what: str) -> Preset:
@@ -136,9 +134,7 @@ def _folder_configs(meta: dict, what: str) -> Preset:
 def load_generator(path: str | os.PathLike, config: RARConfig | None = None, map_location="cpu") -> RAR:
     """Load any generator: a folder of the project's format, or an official `.bin`/`.pt` file, or
     a name ("rar_b" ... "rar_xxl", "hf://user/repo") resolved through the Hugging Face cache
-    (`rar.hub`; an existing local path always wins)."""
-    from ..hub import resolve
-
+    (`rar.core.names`; an existing local path always wins)."""
     path = resolve(path)
     if path.suffix in (".bin", ".pt", ".pth"):
         return load_official_generator(path, config)

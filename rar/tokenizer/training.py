@@ -24,12 +24,16 @@ from typing import Optional, Union
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
+from tqdm.auto import tqdm
 
-from ..common import warmup_cosine
-from ..files import ensure_writable_dir
-from ..data.images import make_grid, psnr, to_uint8
-from ..runconfig import config_from_dict, finite, load_config, require, save_config, to_dict
-from .vqgan import VQGAN, VQGANConfig, save_tokenizer
+from ..core.checks import finite
+from ..core.files import ensure_writable_dir
+from ..core.runconfig import config_from_dict, load_config, require, save_config, to_dict
+from ..core.schedules import warmup_cosine
+from ..data.images import load_folder_images, make_grid, psnr, to_uint8
+from ..data.mnist import load_mnist_digits
+from .vqgan import VQGAN, VQGANConfig, load_any_tokenizer, save_tokenizer
 
 
 @dataclass
@@ -112,12 +116,10 @@ def load_training_images(cfg: TokenizerTrainConfig) -> tuple[torch.Tensor, torch
     """(train, held-out) float images (N, 3, H, W) in [0, 1] for the configured dataset."""
     d = cfg.data
     if d.dataset == "digits":
-        from ..data.mnist import load_mnist_digits
 
         data = load_mnist_digits(seed=d.seed, n_train=d.n_train)
         return _as_float_images(data["train_images"]), _as_float_images(data["test_images"])
     if d.dataset == "folder":
-        from ..data.images import load_folder_images
 
         if not d.path:
             raise ValueError("data.path must name an image folder when data.dataset is 'folder'.")
@@ -170,7 +172,6 @@ def write_recon_grid(originals, recons, path: Union[str, Path], n: int = 32, nro
     bar = np.full((left.shape[0], 4, 3), 128, np.uint8)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    from PIL import Image
 
     Image.fromarray(np.concatenate([left, bar, right], axis=1)).save(path)
     return path
@@ -281,7 +282,6 @@ def _train(cfg: TokenizerTrainConfig, out: Path, images, holdout_images) -> dict
     usage = torch.zeros(cfg.model.codebook_size, dtype=torch.long)
     history, restarts, t0 = [], 0, time.time()
     quantize = cfg.kmeans_init_step <= 0
-    from tqdm.auto import tqdm
 
     bar = tqdm(range(cfg.steps), desc="train-tokenizer", unit="step", disable=not cfg.progress)
     for step in bar:
@@ -354,8 +354,6 @@ def reconstruct_images(tokenizer: Union[VQGAN, str, Path], images, out_path: Opt
     Returns PSNR, codebook usage and the number of images. `tokenizer` is a VQGAN or a path for
     `load_any_tokenizer`.
     """
-    from .vqgan import load_any_tokenizer
-
     model = tokenizer if isinstance(tokenizer, VQGAN) else load_any_tokenizer(tokenizer)
     x = _as_float_images(images)
     ev = evaluate(model.to(device), x.to(device), batch_size=32)
@@ -370,8 +368,6 @@ def reconstruct(tokenizer: Union[str, Path], out_path: Union[str, Path], data: O
                 device: str = "cpu") -> dict:
     """CLI glue for `rar reconstruct`: the first `n` images of a folder (`data`) or of the held-out
     demo digits (`dataset='digits'`), center-cropped to the tokenizer's resolution."""
-    from .vqgan import load_any_tokenizer
-
     model = load_any_tokenizer(tokenizer)
     res = resolution or model.config.resolution
     if (data is None) == (dataset is None):
@@ -379,12 +375,10 @@ def reconstruct(tokenizer: Union[str, Path], out_path: Union[str, Path], data: O
     if dataset is not None:
         if dataset != "digits":
             raise ValueError(f"dataset must be 'digits', got {dataset!r}.")
-        from ..data.mnist import load_mnist_digits
 
         test = load_mnist_digits()["test_images"]  # sorted by class: spread the picks over it
         images = test[np.unique(np.linspace(0, len(test) - 1, num=min(n, len(test))).round().astype(np.int64))]
     else:
-        from ..data.images import load_folder_images
 
         images = load_folder_images(data, res, n, spread=True)[0]
     return reconstruct_images(model, images, out_path, device=device)

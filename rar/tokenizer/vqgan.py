@@ -16,6 +16,7 @@ the official state dict, so its keys load unchanged. Quirks reproduced on purpos
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import os
 from dataclasses import dataclass
@@ -26,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..files import dataclass_from_dict, load_strict, read_folder, read_state_dict, save_folder, shape_of
+from ..core.files import dataclass_from_dict, load_strict, read_folder, read_state_dict, save_folder, shape_of
+from ..core.names import resolve, upload_folder
 
 OFFICIAL_FILENAME = "maskgit-vqgan-imagenet-f16-256.bin"
 OFFICIAL_HUB_REPO = "fun-research/TiTok"
@@ -242,9 +244,9 @@ class VQGAN(nn.Module):
         """config.json + model.safetensors in `directory` (`rar.from_pretrained` loads it)."""
         return save_tokenizer(self, directory)
 
-    def push_to_hub(self, repo_id: str, **kwargs) -> str:
-        from ..hub import push_to_hub
-        return push_to_hub(self, repo_id, **kwargs)
+    def push_to_hub(self, repo_id: str, *, private: bool = False, token=None) -> str:
+        """Upload as config.json + model.safetensors; `rar.from_pretrained("hf://" + repo_id)` loads it."""
+        return upload_folder(self.save_pretrained, repo_id, private=private, token=token)
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
@@ -346,9 +348,7 @@ def load_tokenizer(path: Union[str, os.PathLike]) -> VQGAN:
 
 def load_any_tokenizer(path: Union[str, os.PathLike]) -> VQGAN:
     """A directory or .safetensors file -> project format; .bin / .pt / .pth -> official weights; the
-    name "maskgit-vqgan" (or "hf://user/repo") -> resolved through the Hugging Face cache (`rar.hub`)."""
-    from ..hub import resolve
-
+    name "maskgit-vqgan" (or "hf://user/repo") -> resolved through the Hugging Face cache (`rar.core.names`)."""
     p = resolve(path)
     if not p.exists():
         raise FileNotFoundError(f"tokenizer {str(p)!r} does not exist; expected the official {OFFICIAL_FILENAME}, "
@@ -363,8 +363,6 @@ def load_any_tokenizer(path: Union[str, os.PathLike]) -> VQGAN:
 
 def state_dict_sha256(model: nn.Module) -> str:
     """Fingerprint of the weights, so token shards can record exactly which tokenizer made them."""
-    import hashlib
-
     h = hashlib.sha256()
     for k, v in model.state_dict().items():
         h.update(k.encode())

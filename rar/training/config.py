@@ -1,4 +1,4 @@
-"""The typed configuration of `rar train` (YAML + dotted overrides via `rar.runconfig`).
+"""The typed configuration of `rar train` (YAML + dotted overrides via `rar.core.runconfig`).
 
 Defaults are the paper's recipe where it has one (AdamW 4e-4, betas 0.9/0.96, weight decay 0.03,
 grad-norm clip 1.0, end lr 1e-5, label dropout 0.1, annealing from 50% to 75% of training).
@@ -10,13 +10,18 @@ import math
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+import torch
+
+from ..core.checks import check_probability
+from ..core.checks import finite as _finite
+from ..core.runconfig import require as _require
 from ..model.config import PRESETS, Preset, get_preset
+from ..model.orders import NAMED_ORDERS
 from ..model.transformer import RECOMPUTE_MODES
-from ..runconfig import finite as _finite, require as _require
 
 
 def _probability(key: str, v) -> None:
-    _require(_finite(v) and 0 <= v < 1, key, v, "in [0, 1)")
+    check_probability(f"config key {key!r}", v)
 
 
 @dataclass
@@ -145,7 +150,6 @@ class TrainConfig:
             _require(_finite(getattr(self, name)) and getattr(self, name) >= 0, name, getattr(self, name),
                      "a step, or a fraction of max_steps in [0, 1]")
         _require(_finite(self.r_final) and 0 <= self.r_final <= 1, "r_final", self.r_final, "a probability in [0, 1]")
-        from ..model.orders import NAMED_ORDERS
         _require(self.order in NAMED_ORDERS, "order", self.order, f"one of {', '.join(NAMED_ORDERS)}")
         _require(self.steps_of(self.anneal_end) >= self.steps_of(self.anneal_start), "anneal_end", self.anneal_end,
                  f"at or after anneal_start ({self.anneal_start})")
@@ -154,7 +158,6 @@ class TrainConfig:
 
 
 def _is_device(name: str) -> bool:
-    import torch
 
     try:
         torch.device(name)

@@ -18,13 +18,15 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..common import mix_seed, resolve_device, warmup_cosine
+from ..core.devices import resolve_device
+from ..core.schedules import warmup_cosine
+from ..core.seeds import mix_seed
 from ..data.batches import TokenData, gather_batch, global_batch_indices, load_token_shards, synthetic_tokens
 from ..model.config import RARConfig
 from ..model.orders import drop_labels, named_order, random_ratio, sample_orders
 from ..model.transformer import RAR
 from ..model.weights import save_generator
-from . import run_folder
+from . import checkpoints, logs, plots
 from .config import OptimSection, TrainConfig, model_preset
 from .threads import ThreadGovernor
 
@@ -108,17 +110,23 @@ class Trainer:
         self.step = 0
         torch.manual_seed(mix_seed(cfg.seed, self.rank, 2))  # dropout masks differ per rank
 
+    def sample_grid(self, name: str) -> Path | None:
+        """out_dir/`name`: a grid of samples (rank 0, when the data names its tokenizer)."""
+        if self.rank != 0:
+            return None
+        return plots.sample_grid(self.raw, self.data.tokenizer, self.out / name, self.cfg.sample_classes, self.cfg.order)
+
     def resume(self) -> None:
-        state = run_folder.latest_checkpoint(self.out, self.rank, self.device)
+        state = checkpoints.latest_checkpoint(self.out, self.rank, self.device)
         if state is None:
-            run_folder.check_fresh_start(self.out, self.rank, self.cfg.start_over)
+            checkpoints.check_fresh_start(self.out, self.rank, self.cfg.start_over)
             return
         self.raw.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
         self.step = state["step"]
-        run_folder.set_rng_state(state.get("rng"))
+        checkpoints.set_rng_state(state.get("rng"))
         if self.rank == 0:
-            run_folder.truncate_metrics(self.out, self.step)
+            logs.truncate_metrics(self.out, self.step)
 
     def wrap(self) -> None:
         if self.cfg.tf32 and self.device.type == "cuda":
@@ -170,33 +178,33 @@ def train(cfg: TrainConfig, on_step=None) -> dict:
     """Train (or resume) the run in cfg.out_dir; returns a summary. `on_step(step)` is called after
     every optimizer step (tests use it to kill the process at a chosen step)."""
     tr = Trainer(cfg)
-    run_folder.prepare_out_dir(cfg, tr.out, tr.rank)
-    run_folder.acquire_lock(tr.out, tr.rank, tr.device)
+    checkpoints.prepare_out_dir(cfg, tr.out, tr.rank)
+    checkpoints.acquire_lock(tr.out, tr.rank, tr.device)
     try:
         return _run(cfg, tr, on_step)
     finally:
-        run_folder.release_lock(tr.out, tr.rank)
+        checkpoints.release_lock(tr.out, tr.rank)
 
 
 def _run(cfg: TrainConfig, tr: Trainer, on_step) -> dict:
     """Resume, train the remaining steps, export; a finished run is returned as it is."""
     tr.resume()
-    if tr.step >= cfg.max_steps and (done := run_folder.finished_summary(tr.out, tr.step)) is not None:
+    if tr.step >= cfg.max_steps and (done := logs.finished_summary(tr.out, tr.step)) is not None:
         return done  # a finished run: nothing to train, nothing rewritten
-    run_folder.write_config(cfg, tr.out, tr.rank)
+    checkpoints.write_config(cfg, tr.out, tr.rank)
     tr.wrap()
-    logger = run_folder.Logger(cfg, tr.out, tr.rank, start=tr.step)
+    logger = logs.Logger(cfg, tr.out, tr.rank, start=tr.step)
     threads = torch.get_num_threads()
     try:
         _train_steps(cfg, tr, logger, on_step)
     finally:
         torch.set_num_threads(threads)
-    summary = run_folder.summarize(tr.out, tr.step, logger.close())
+    summary = logs.summarize(tr.out, tr.step, logger.close())
     if tr.rank == 0:
         save_generator(tr.raw, tr.out / "generator", extra={"class_names": tr.data.class_names,
                                                             "tokenizer": tr.data.tokenizer, "steps": tr.step})
-        run_folder.sample_grid(tr, "samples/final.png")
-        run_folder.plot_loss(tr.out)
+        tr.sample_grid("samples/final.png")
+        plots.plot_loss(tr.out)
         (tr.out / "summary.json").write_text(json.dumps(summary, indent=2))
     if dist.is_initialized():
         dist.barrier()
@@ -224,8 +232,8 @@ def _train_steps(cfg: TrainConfig, tr: Trainer, logger, on_step) -> None:
             logger.log(rec)
         logger.progress(rec)
         if tr.step % cfg.save_every == 0 or tr.step == cfg.max_steps:
-            run_folder.save_checkpoint(tr, rec)
+            checkpoints.save_checkpoint(tr.out, tr.step, tr.rank, tr.world, tr.raw, tr.opt, rec, cfg.keep_last)
         if cfg.sample_every and tr.step % cfg.sample_every == 0:
-            run_folder.sample_grid(tr, f"samples/step-{tr.step:07d}.png")
+            tr.sample_grid(f"samples/step-{tr.step:07d}.png")
         if on_step is not None:
             on_step(tr.step)

@@ -1,9 +1,9 @@
 """How many CPU threads a training run uses while it runs.
 
 With another process busy on one of the cores, torch's OpenMP threads wait for each other at
-every parallel region, and a step of a small model took 3.6x (measured here; 20x in issue #14)
-as long as on the idle machine. With one thread fewer it takes about the run's share of the
-machine (1.8x). `ThreadGovernor` watches the median step time over windows of steps: when a
+every parallel region, and a step of a small model takes several times as long as on the idle
+machine; with one thread fewer it takes about the run's share of the machine (figures in
+BENCHMARKS.md). `ThreadGovernor` watches the median step time over windows of steps: when a
 window is much slower than the best seen with the current count, after the second window, and
 every `reprobe` windows, it tries the next count for one window and keeps whichever was faster. Only speed changes: the
 training losses are bit-identical with 1 and 2 threads (tests/test_train.py).

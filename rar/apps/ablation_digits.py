@@ -1,0 +1,50 @@
+"""The digit evaluation of one ablation run (`rar ablate` with `evaluation: digits`): its
+samples' class accuracy and FD in the demo classifier's features against the held-out digits
+(not FID), its held-out NLL (bits per token) in the order it was trained to end in, and the
+top-half inpainting accuracy of kept-first decoding (what annealing costs in editability)."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..data.mnist import load_mnist_digits
+from ..inference import generate, prepare
+from ..inference.likelihood import log_likelihood
+from ..metrics.digits import predict_digits, train_digit_classifier
+from ..model.weights import load_generator
+from ..tokenizer.vqgan import load_any_tokenizer
+from .editing_digits import decode_uint8, encode_digits, evaluate_editing, score
+
+
+def _shared(context: dict, tokenizer_path: str) -> dict:
+    """The classifier, held-out digits and their tokens, made once per study."""
+    if "classifier" not in context:
+        data = load_mnist_digits(seed=0, n_train=4500)
+        clf = train_digit_classifier(data, progress=False)
+        context.update(data=data, classifier=clf, heldout_features=predict_digits(clf, data["test_images"])[1])
+    if context.get("tokenizer_path") != tokenizer_path:
+        if not tokenizer_path:
+            raise ValueError("the digit evaluation needs data.tokenizer (the tokenizer of the token shards).")
+        vq = load_any_tokenizer(tokenizer_path).eval()
+        context.update(tokenizer_path=tokenizer_path, tokenizer=vq,
+                       heldout_codes=encode_digits(vq, context["data"]["test_images"]))
+    return context
+
+
+def evaluate_run(generator_dir, cfg, context: dict, per_class: int = 50) -> dict:
+
+    ctx = _shared(context, cfg.data.tokenizer)
+    data, clf, vq = ctx["data"], ctx["classifier"], ctx["tokenizer"]
+    model = load_generator(generator_dir)
+    backend = prepare(model)
+    labels = torch.arange(10).repeat_interleave(per_class)
+    tokens = torch.cat([generate(backend, labels[s:s + 250], seed=0, indices=range(s, min(s + 250, len(labels))),
+                                 order=cfg.order) for s in range(0, len(labels), 250)])
+    sampled = score(clf, decode_uint8(vq, tokens), labels.numpy(), ctx["heldout_features"])
+    nll = log_likelihood(model, ctx["heldout_codes"], torch.as_tensor(data["test_labels"]), orders=cfg.order)
+    edit = evaluate_editing(backend, vq, clf, data["test_images"], data["test_labels"], tasks=("top_half",),
+                            methods=("kept_first",), conditions=("conditional",))["results"][0]
+    return {"fd": sampled["fd"], "class_accuracy": sampled["accuracy"],
+            "heldout_bits_per_token": float(nll.mean()) / math.log(2),
+            "inpaint_top_half_accuracy": edit["accuracy"]}

@@ -1,0 +1,254 @@
+"""`rar app`: a web page (Gradio, optional extra `app`) to generate and edit images with a
+generator + tokenizer pair, e.g. the official RAR-B by name or the digit models of `rar demo`.
+
+Generate tab: class by name, number of images, guidance scale / power / temperature (the
+preset's defaults shown), seed and a random-seed button; the result as a grid and PNG files,
+and the Python call that reproduces it. Edit tab: upload an image (or take a generated one),
+brush the region to regenerate (or pick a preset region), a class or none, inpaint or outpaint,
+kept-first any-order decoding and/or the raster baseline. One job runs at a time per process
+(a queue); a bad input is a message in the page, not a traceback.
+"""
+from __future__ import annotations
+
+import functools
+import random
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..core.devices import resolve_device
+from ..data.images import center_crop_mask, image_tensor, make_grid, to_uint8
+from ..decode.backend import prepare
+from ..inference import generate
+from ..inference.image_editing import inpaint, outpaint
+from ..model.weights import load_generator
+from ..tokenizer.vqgan import load_any_tokenizer
+from .classes import class_names_of
+
+REGIONS = ("brush", "top half", "bottom half", "left half", "right half", "centre")
+MAX_IMAGES = 16
+
+
+@dataclass
+class AppModels:
+    backend: object  # rar.decode.DecodeBackend
+    tokenizer: object  # rar.VQGAN
+    class_names: list[str]
+    generator_ref: str  # how the Python snippet names the weights
+    tokenizer_ref: str
+
+    @property
+    def choices(self) -> list[str]:
+        return [f"{i}: {n}" for i, n in enumerate(self.class_names)]
+
+
+def load_models(generator=None, tokenizer=None, demo=None, device: str = "cpu") -> AppModels:
+    """The pair to serve: `demo` (a `rar demo` output folder) or `generator` + `tokenizer`
+    (names such as rar_b / maskgit-vqgan, or paths)."""
+    if demo is not None:
+        root = Path(demo)
+        generator, tokenizer = root / "rar" / "generator", root / "tokenizer" / "tokenizer"
+        if not (generator / "config.json").is_file():
+            raise FileNotFoundError(f"{str(root)!r} holds no trained generator ({str(generator)!r}); run "
+                                    f"`rar demo --out {root}` first.")
+    if generator is None or tokenizer is None:
+        raise ValueError("give --demo DEMO_OUT, or both --generator and --tokenizer.")
+    dev = resolve_device(device)
+    model = load_generator(generator).to(dev)
+    vq = load_any_tokenizer(tokenizer).to(dev).eval()
+    names = class_names_of(generator, model.config.num_classes) or [f"class {i}" for i in range(model.config.num_classes)]
+    return AppModels(prepare(model), vq, names, str(generator), str(tokenizer))
+
+
+def _class_id(choice) -> int | None:
+    if choice in (None, "", "none"):
+        return None
+    return int(str(choice).split(":", 1)[0])
+
+
+def _save(images: torch.Tensor, prefix: str, nrow: int = 8) -> tuple[Image.Image, list[str]]:
+
+    pics = to_uint8(images)
+    folder = Path(tempfile.mkdtemp(prefix="rar-app-"))
+    paths = []
+    for i, p in enumerate(pics):
+        paths.append(str(folder / f"{prefix}_{i:02d}.png"))
+        Image.fromarray(p).save(paths[-1])
+    grid = Image.fromarray(make_grid(pics, nrow=min(len(pics), nrow)))
+    scale = max(1, 128 // pics.shape[1])  # small images (digits) shown enlarged; the PNG files stay as made
+    return grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST), paths
+
+
+def generate_images(models: AppModels, choice, num, guidance_scale, guidance_scale_pow, temperature, seed):
+    """(grid, PNG paths, the reproducing Python call) for the Generate tab."""
+    c = _class_id(choice)
+    if c is None:
+        raise ValueError("choose a class to generate.")
+    num, seed = int(num), int(seed)
+    labels = [c] * num
+    kw = dict(guidance_scale=float(guidance_scale), guidance_scale_pow=float(guidance_scale_pow),
+              temperature=float(temperature), seed=seed)
+    tokens = generate(models.backend, torch.tensor(labels), progress=True, **kw)
+    with torch.inference_mode():
+        images = models.tokenizer.decode(tokens).float()
+    grid, paths = _save(images, f"class{c}_seed{seed}")
+    code = (f"import rar, torch\n\nmodel = rar.from_pretrained({models.generator_ref!r})\n"
+            f"tokenizer = rar.from_pretrained({models.tokenizer_ref!r})\n"
+            f"tokens = rar.generate(model, torch.tensor({labels}), "
+            + ", ".join(f"{k}={v!r}" for k, v in kw.items()) + ")\n"
+            "images = tokenizer.decode(tokens)  # (N, 3, H, W) in [0, 1]\n")
+    return grid, paths, code
+
+
+def region_mask(region: str, size: int) -> np.ndarray:
+    """(size, size) bool of a preset region: True = regenerate."""
+    m = np.zeros((size, size), bool)
+    h, q = size // 2, size // 4
+    if region == "top half":
+        m[:h] = True
+    elif region == "bottom half":
+        m[h:] = True
+    elif region == "left half":
+        m[:, :h] = True
+    elif region == "right half":
+        m[:, h:] = True
+    elif region == "centre":
+        m[q:size - q, q:size - q] = True
+    else:
+        raise ValueError(f"region must be one of {', '.join(REGIONS)}, got {region!r}.")
+    return m
+
+
+def editor_image(value, resolution: int) -> torch.Tensor:
+    """The editor's background, center-cropped to the tokenizer's resolution: (3, R, R) in [0, 1]."""
+    background = None if value is None else value.get("background")
+    if background is None:
+        raise ValueError("upload an image first (PNG or JPEG), or take a generated one.")
+    rgba = np.asarray(background)
+    if rgba.ndim != 3 or rgba.shape[-1] not in (3, 4):
+        raise ValueError(f"the uploaded image could not be read as RGB (array of shape {rgba.shape}).")
+    return image_tensor(Image.fromarray(rgba[..., :3].astype(np.uint8)), resolution)
+
+
+def editor_mask(value, region: str, resolution: int) -> torch.Tensor:
+    """The region to regenerate, (R, R) bool: a preset region, or the pixels brushed over the
+    editor's background, cropped as the image."""
+    if region != "brush":
+        return torch.from_numpy(region_mask(region, resolution))
+    shape = np.asarray(value["background"]).shape[:2]
+    strokes = np.zeros(shape, bool)
+    for layer in value.get("layers") or []:
+        a = np.asarray(layer)
+        if a.ndim == 3 and a.shape[-1] == 4 and a.shape[:2] == shape:
+            strokes |= a[..., 3] > 0
+    if not strokes.any():
+        raise ValueError("brush over the region to regenerate, or choose a preset region.")
+    return torch.from_numpy(np.asarray(center_crop_mask(Image.fromarray(strokes.astype(np.uint8) * 255), resolution)) > 127)
+
+
+def edit_images(models: AppModels, value, region, choice, mode, side, amount, method, num, seed):
+    """(grid, PNG paths) for the Edit tab: one row per method when both are asked for."""
+    res = models.tokenizer.config.resolution
+    label, num, seed = _class_id(choice), int(num), int(seed)
+    methods = {"kept-first": [True], "raster baseline": [False], "both": [True, False]}[method]
+    x = editor_image(value, res)
+    mask = editor_mask(value, region, res) if mode == "inpaint" else None
+    rows = []
+    for kept_first in methods:
+        if mode == "inpaint":
+            out = inpaint(models.backend, models.tokenizer, x, mask, label, num=num, seed=seed, kept_first=kept_first,
+                          progress=True)
+        else:
+            out = outpaint(models.backend, models.tokenizer, x, [(side, int(amount))], label, num=num, seed=seed,
+                           kept_first=kept_first, progress=True)
+        rows.append(out["images"])
+    return _save(torch.cat(rows), f"{mode}_seed{seed}", nrow=num)
+
+
+def _guarded(fn):
+    """A handler whose bad-input errors become a message in the page (gr.Error), not a traceback."""
+    import gradio as gr  # lazy: gradio is the optional extra rar[app]
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (ValueError, OSError, FloatingPointError) as err:
+            raise gr.Error(str(err)) from None
+    return run
+
+
+def build_app(models: AppModels):
+    """The Gradio Blocks of the two tabs (not launched)."""
+    import gradio as gr  # lazy: gradio is the optional extra rar[app]
+
+    d = models.backend.sampling
+    with gr.Blocks(title="RAR: generate and edit") as app:
+        gr.Markdown(f"## RAR: randomized autoregressive generation\n`{models.generator_ref}` with "
+                    f"`{models.tokenizer_ref}`; {models.backend.description}")
+        last = gr.State([])  # paths of the last generated images
+        with gr.Tab("Generate"):
+            with gr.Row():
+                cls = gr.Dropdown(models.choices, value=models.choices[0], label="class (type to search)",
+                                  filterable=True, elem_id="gen-class")
+                num = gr.Slider(1, MAX_IMAGES, value=4, step=1, label="number of images", elem_id="gen-num")
+            with gr.Row():
+                g = gr.Number(d.guidance_scale, label="guidance scale (preset default)", elem_id="gen-guidance")
+                p = gr.Number(d.guidance_scale_pow, label="guidance power", elem_id="gen-pow")
+                t = gr.Number(d.temperature, label="temperature", elem_id="gen-temperature")
+                seed = gr.Number(0, precision=0, label="seed", elem_id="gen-seed")
+                dice = gr.Button("random seed", elem_id="gen-random-seed")
+            go = gr.Button("Generate", variant="primary", elem_id="gen-run")
+            grid = gr.Image(label="result", type="pil", elem_id="gen-grid", height=280)
+            files = gr.File(label="PNG files", file_count="multiple", elem_id="gen-files")
+            code = gr.Code(label="the Python call that reproduces this", language="python", elem_id="gen-code")
+        with gr.Tab("Edit"):
+            with gr.Row():
+                editor = gr.ImageEditor(label="image: upload, then brush the region to regenerate", type="numpy",
+                                        sources=("upload", "clipboard"), elem_id="edit-image")
+                with gr.Column():
+                    take = gr.Button("take the first generated image", elem_id="edit-take")
+                    region = gr.Radio(list(REGIONS), value="brush", label="region to regenerate", elem_id="edit-region")
+                    ecls = gr.Dropdown(["none", *models.choices], value="none", label="class (none: unconditional)",
+                                       filterable=True, elem_id="edit-class")
+                    mode = gr.Radio(["inpaint", "outpaint"], value="inpaint", label="task", elem_id="edit-mode")
+                    side = gr.Dropdown(["right", "left", "up", "down"], value="right", label="outpaint side")
+                    amount = gr.Slider(1, 2 * models.backend.config.grid_size, value=models.backend.config.grid_size // 4,
+                                       step=1, label="outpaint by (token rows or columns)")
+                    method = gr.Radio(["kept-first", "raster baseline", "both"], value="kept-first",
+                                      label="decoding (both: kept-first row, then the raster baseline row)",
+                                      elem_id="edit-method")
+                    enum = gr.Slider(1, 8, value=4, step=1, label="number of results")
+                    eseed = gr.Number(0, precision=0, label="seed")
+            erun = gr.Button("Edit", variant="primary", elem_id="edit-run")
+            egrid = gr.Image(label="results", type="pil", elem_id="edit-grid", height=280)
+            efiles = gr.File(label="PNG files", file_count="multiple")
+
+        def run_generate(c, n, gs, gp, tt, sd, progress=gr.Progress(track_tqdm=True)):
+            out = generate_images(models, c, n, gs, gp, tt, sd)
+            return (*out, out[1])
+
+        go.click(_guarded(run_generate), [cls, num, g, p, t, seed], [grid, files, code, last])
+        dice.click(lambda: random.randrange(2**31), None, seed)
+        take.click(_guarded(_first), last, editor)
+
+        def run_edit(v, r, c, m, sdd, a, meth, n, sd, progress=gr.Progress(track_tqdm=True)):
+            return edit_images(models, v, r, c, m, sdd, a, meth, n, sd)
+        erun.click(_guarded(run_edit), [editor, region, ecls, mode, side, amount, method, enum, eseed], [egrid, efiles])
+    return app.queue(default_concurrency_limit=1)  # one job at a time; the others wait in the queue
+
+
+def _first(paths: list[str]):
+    if not paths:
+        raise ValueError("generate an image first (Generate tab).")
+    return paths[0]
+
+
+def serve(models: AppModels, port: int | None = None, host: str = "127.0.0.1", share: bool = False) -> None:
+    """Build and launch the app (blocks until interrupted)."""
+    build_app(models).launch(server_name=host, server_port=port, share=share, max_file_size="20mb",
+                             show_error=True, ssr_mode=False)

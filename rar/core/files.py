@@ -1,0 +1,126 @@
+"""Weight files, shared by the generator and the tokenizer.
+
+- Official checkpoints (`rar_b.bin`, `maskgit-vqgan-imagenet-f16-256.bin`) are torch state dicts,
+  read with `weights_only=True` so that a downloaded file can never run code.
+- The project's own format is a folder holding `model.safetensors` and `config.json`; both are
+  written under temporary names and renamed, so a crash never leaves a half-written folder.
+- Loading is strict: every key and shape is checked, and the message names the first mismatch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+def read_state_dict(path_or_state_dict, what: str, hint: str = "") -> dict[str, torch.Tensor]:
+    """A state dict from an official file (or a dict), unwrapped from {"state_dict": ...} or
+    {"model": ...} and without DDP's "module." prefixes. `hint` ends the missing-file message."""
+    if isinstance(path_or_state_dict, Mapping):
+        sd = dict(path_or_state_dict)
+    else:
+        path = Path(path_or_state_dict)
+        if not path.is_file():
+            raise FileNotFoundError(f"{what} {str(path)!r} does not exist{hint}.")
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - empty, truncated, not a torch file, or unsafe pickle
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ValueError(f"{what} {str(path)!r} is not a readable torch checkpoint ({first}).") from None
+        if not isinstance(sd, Mapping):
+            raise ValueError(f"{what} {str(path)!r} holds a {type(sd).__name__}, not a state dict.")
+    for wrapper in ("state_dict", "model"):
+        if wrapper in sd and isinstance(sd[wrapper], Mapping):
+            sd = dict(sd[wrapper])
+    return {str(k).removeprefix("module."): v for k, v in sd.items()}
+
+
+def dataclass_from_dict(cls, d: Mapping):
+    """A config dataclass from a dict saved beside weights; an unknown key is an error naming it."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} keys {unknown}; expected a subset of {sorted(known)}.")
+    return cls(**d)
+
+
+def shape_of(value) -> list | str:
+    return list(value.shape) if torch.is_tensor(value) else f"a {type(value).__name__}, not a tensor"
+
+
+def check_state_dict(sd: Mapping, expected: Mapping[str, tuple[int, ...]], what: str) -> None:
+    """Strict key and shape check; the message names the first offending key and both shapes."""
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    if missing:
+        raise ValueError(f"{what}: missing key {missing[0]!r} (expected shape {list(expected[missing[0]])})"
+                         + (f" and {len(missing) - 1} more" if len(missing) > 1 else "") + ".")
+    if unexpected:
+        raise ValueError(f"{what}: unexpected key {unexpected[0]!r} with shape {shape_of(sd[unexpected[0]])}"
+                         + (f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else "") + ".")
+    for k, shape in expected.items():
+        if not torch.is_tensor(sd[k]) or tuple(sd[k].shape) != tuple(shape):
+            raise ValueError(f"{what}: key {k!r} has shape {shape_of(sd[k])}, expected {list(shape)}.")
+
+
+def load_strict(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], what: str, assign: bool = False) -> None:
+    """Check `sd` against the model's own keys and shapes, then load it."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    check_state_dict(sd, expected, what)
+    model.load_state_dict({k: sd[k] for k in expected}, strict=True, assign=assign)
+
+
+def ensure_writable_dir(path: str | os.PathLike, what: str) -> Path:
+    """Create the folder `path` if needed and check that files can be written in it, so that long
+    work never ends unable to save: ValueError naming `what` otherwise."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise ValueError(f"{what} {str(p)!r} is an existing file; expected a folder (or a path that does not exist).")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        probe = p / f".rar-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise ValueError(f"{what} {str(p)!r} is not writable ({err.strerror or err}).") from None
+    return p
+
+
+def save_folder(model: torch.nn.Module, path: str | os.PathLike, meta: dict) -> Path:
+    """Write `model.safetensors` and `config.json` (meta) into the folder `path`, atomically each."""
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    save_file(tensors, str(out / "model.safetensors.tmp"), metadata={"format": str(meta.get("format", ""))})
+    os.replace(out / "model.safetensors.tmp", out / "model.safetensors")
+    (out / "config.json.tmp").write_text(json.dumps(meta, indent=2) + "\n")
+    os.replace(out / "config.json.tmp", out / "config.json")
+    return out
+
+
+def read_folder(path: str | os.PathLike, fmt: str, what: str, map_location="cpu") -> tuple[dict, dict, Path]:
+    """(meta, state dict, folder) of a folder written by `save_folder` with meta["format"] == fmt.
+    `path` may also be the `.safetensors` file inside it."""
+    p = Path(path)
+    folder = p.parent if p.suffix == ".safetensors" else p
+    for f in (folder / "model.safetensors", folder / "config.json"):
+        if not f.is_file():
+            raise FileNotFoundError(f"{what} {str(p)!r}: {str(f)!r} does not exist; expected a folder holding "
+                                    "model.safetensors and config.json.")
+    try:
+        meta = json.loads((folder / "config.json").read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{what} {str(p)!r}: config.json is not valid JSON ({err}).") from err
+    if not isinstance(meta, dict) or meta.get("format") != fmt:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise ValueError(f"{what} {str(p)!r}: config.json has format {found!r}, expected {fmt!r}.")
+    try:
+        state = load_file(str(folder / "model.safetensors"), device=str(map_location))
+    except Exception as err:  # noqa: BLE001 - safetensors' own errors: truncated or not a safetensors file
+        raise ValueError(f"{what} {str(p)!r}: model.safetensors is not readable ({err}).") from None
+    return meta, state, folder

@@ -1,0 +1,113 @@
+"""Run configurations: a dataclass schema, a YAML file and dotted `key=value` overrides, merged by
+OmegaConf structured configs (as the official RAR code and most of the field do).
+
+`load_config(TrainConfig, "configs/x.yaml", ["optim.lr=3e-4", "max_steps=100"])` returns a
+`TrainConfig`. An unknown key or a value of the wrong type is a ValueError naming the dotted key,
+so a typo never trains silently with a default; range checks live in each dataclass's
+`__post_init__` and run when the instance is built.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import typing
+from pathlib import Path
+from typing import Iterable, TypeVar
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+T = TypeVar("T")
+
+
+_EXPECTED = {"Integer": "an integer", "Float": "a number", "Boolean": "true or false", "String": "a string"}
+
+
+def _clear(err: OmegaConfBaseException, source: str) -> ValueError:
+    """OmegaConf's multi-line message as one sentence naming the key."""
+    first = str(err).splitlines()[0].rstrip(".") if str(err) else type(err).__name__
+    found = re.match(r"Value '(.*)' of type '\w+' could not be converted to (\w+)", first)
+    if found and found.group(2) in _EXPECTED:
+        first = f"expected {_EXPECTED[found.group(2)]}, got {found.group(1)!r}"
+    key = getattr(err, "full_key", None)
+    return ValueError(f"{source}: config key {key!r}: {first}." if key else f"{source}: {first}.")
+
+
+def require(ok: bool, key: str, value, expected: str) -> None:
+    """A range check for a config's `__post_init__`: it runs when the config is built, so a bad
+    value fails before any work, naming the dotted key."""
+    if not ok:
+        raise ValueError(f"config key {key!r} must be {expected}, got {value!r}.")
+
+
+def _check_shapes(cls, raw, source: str, prefix: str = "") -> None:
+    """What OmegaConf converts or reports without the key: a bool field given anything but true or
+    false (it would take 3 as true), a section given a scalar, a fixed-length tuple of another length."""
+    hints = typing.get_type_hints(cls)
+    for name, value in raw.items():
+        tp, key = hints.get(name), prefix + str(name)
+        if tp is bool and not isinstance(value, bool):
+            raise ValueError(f"{source}: config key {key!r}: expected true or false, got {value!r}.")
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ValueError(f"{source}: config key {key!r} is a section, got {value!r}.")
+            _check_shapes(tp, value, source, key + ".")
+        args = typing.get_args(tp)
+        if typing.get_origin(tp) is tuple and args and args[-1] is not Ellipsis and isinstance(value, list) \
+                and len(value) != len(args):
+            raise ValueError(f"{source}: config key {key!r}: expected {len(args)} items, got {len(value)}.")
+
+
+def _overrides(items: Iterable[str]):
+    items = list(items)
+    for text in items:
+        key = text.split("=", 1)[0].strip()
+        if "=" not in text or not key or any(not part for part in key.split(".")):
+            raise ValueError(f"override {text!r} is not of the form key=value (e.g. optim.lr=3e-4).")
+    return OmegaConf.from_dotlist(items)
+
+
+def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: Iterable[str] = ()) -> T:
+    """A `cls` instance from its defaults <- the YAML file <- the dotted overrides."""
+    layers, source = [OmegaConf.structured(cls)], "config"
+    if path is not None:
+        p, source = Path(path), f"config file {str(path)!r}"
+        if not p.is_file():
+            raise FileNotFoundError(f"config file {str(p)!r} does not exist.")
+        try:
+            loaded = OmegaConf.load(p)
+        except Exception as err:  # noqa: BLE001 - yaml's own errors: a syntax error in the file
+            raise ValueError(f"config file {str(p)!r} is not valid YAML: {str(err).splitlines()[0]}") from err
+        if not OmegaConf.is_dict(loaded):
+            raise ValueError(f"config file {str(p)!r} must hold a YAML mapping at the top level.")
+        layers.append(loaded)
+    layers.append(_overrides(overrides))
+    for layer, where in zip(layers[1:], [source, "override"][-len(layers) + 1:]):
+        _check_shapes(cls, OmegaConf.to_container(layer), where)
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(*layers))
+    except OmegaConfBaseException as err:
+        raise _clear(err, source) from None
+
+
+def config_from_dict(cls: type[T], values: dict, source: str = "config") -> T:
+    """A `cls` instance from a plain nested dict (e.g. read back from a run folder)."""
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), OmegaConf.create(values)))
+    except OmegaConfBaseException as err:
+        raise _clear(err, source) from None
+
+
+def to_dict(instance) -> dict:
+    """Dataclass -> plain dict of YAML-safe values (tuples become lists)."""
+    return OmegaConf.to_container(OmegaConf.structured(instance))
+
+
+def save_config(instance, path: str | os.PathLike) -> Path:
+    """Write a dataclass instance as YAML that `load_config` reads back to an equal instance."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(OmegaConf.to_yaml(OmegaConf.structured(instance), sort_keys=False))
+    return p
+

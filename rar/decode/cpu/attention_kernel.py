@@ -1,0 +1,69 @@
+"""A compiled single-query attention kernel for fp32 decoding on CPU (`csrc/single_query_attention.c`).
+
+torch's fused CPU kernel for `scaled_dot_product_attention` reads a decode step's KV cache well
+below the machine's memory bandwidth; this one streams it at that bandwidth (figures in
+BENCHMARKS.md). It is compiled by `toolchain` on first use for a head size and the instruction-set
+flags it is given. Where that is impossible (no compiler, not Linux, torch not built with OpenMP)
+`load` returns None, `unavailable_reason` says why, and the decoder uses torch's kernel: the same
+results up to fp32 rounding.
+"""
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from . import toolchain
+
+MAX_LENGTH = 16384  # cached positions per call: the kernel keeps one pair's scores on its thread's stack
+
+class SingleQueryAttention:
+    """softmax(q k^T / sqrt(Dh)) v for one query per (row, head): q (R, H, Dh) with a contiguous last
+    dimension, k and v (R, H, L, Dh) with contiguous (L, Dh) planes, as slices of a `KVCache`
+    layer are; returns (R, H * Dh). `starts` (R,) int64, if given, is each row's first cached position
+    to attend to (0 <= start < L). Uses torch's intra-op threads (`torch.get_num_threads()`)."""
+
+    def __init__(self, fn, head_dim: int, flags: tuple[str, ...] = ()):
+        self._fn, self.head_dim, self.flags = fn, head_dim, tuple(flags)
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 starts: torch.Tensor | None = None) -> torch.Tensor:
+        R, H, L, Dh = k.shape
+        ok = (q.dtype == k.dtype == v.dtype == torch.float32 and Dh == self.head_dim
+              and q.device.type == k.device.type == v.device.type == "cpu"
+              and q.shape == (R, H, Dh) and v.shape == k.shape and q.stride(-1) == 1
+              and k.stride()[2:] == v.stride()[2:] == (Dh, 1) and 0 < L <= MAX_LENGTH)
+        if not ok:
+            raise ValueError(f"single_query_attention expects fp32 CPU q (R, H, {self.head_dim}) and cache slices "
+                             f"(R, H, L<={MAX_LENGTH}, {self.head_dim}), got {tuple(q.shape)} and {tuple(k.shape)}.")
+        if starts is not None:
+            starts = starts.to(torch.int64).contiguous()
+            if starts.shape != (R,) or starts.device.type != "cpu" or bool(((starts < 0) | (starts >= L)).any()):
+                raise ValueError(f"starts must be (R,) = ({R},) int64 CPU first positions in [0, {L}).")
+        out = torch.empty(R, H * Dh, dtype=torch.float32, device="cpu")  # not the default dtype/device
+        strides = (ctypes.c_int64 * 6)(*q.stride()[:2], *k.stride()[:2], *v.stride()[:2])
+        self._fn(q.data_ptr(), strides, k.data_ptr(), ctypes.byref(strides, 16), v.data_ptr(),
+                 ctypes.byref(strides, 32), None if starts is None else starts.data_ptr(), out.data_ptr(),
+                 R, H, L, Dh ** -0.5, torch.get_num_threads())
+        return out
+
+
+def build(head_dim: int, flags) -> SingleQueryAttention:
+    """Compile and load the kernel for `head_dim` with the instruction-set `flags`
+    (`CPUCapability.compiler_flags()`); RuntimeError saying why where it cannot be used."""
+    flags = tuple(flags)
+    fn = toolchain.build_library("single_query_attention.c", flags, {"HEAD_DIM": head_dim}).single_query_attention
+    fn.restype = None
+    fn.argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_int64] * 3 + [ctypes.c_float, ctypes.c_int]
+    return SingleQueryAttention(fn, head_dim, flags)
+
+
+def load(head_dim: int, flags, builds: toolchain.KernelBuilds = toolchain.PROCESS_BUILDS) -> SingleQueryAttention | None:
+    """The kernel for `head_dim` and `flags`, built on first use and kept in `builds`; None where it cannot be."""
+    flags = tuple(flags)
+    return builds.get(("single_query_attention", head_dim, flags), lambda: build(head_dim, flags))
+
+
+def unavailable_reason(head_dim: int, flags, builds: toolchain.KernelBuilds = toolchain.PROCESS_BUILDS) -> str | None:
+    """Why `load(head_dim, flags, builds)` gave None (None if it gave a kernel or was not called)."""
+    return builds.reason(("single_query_attention", head_dim, tuple(flags)))
