@@ -10,11 +10,19 @@ Each implementation runs in its own subprocess, so peak RSS (ru_maxrss) is its o
 --rounds N they alternate N times and each one's fastest run counts (this machine's speed drifts). Before
 training, both compute the loss of the first batch in eval mode (no dropout): the two must agree.
 The last output line is one JSON object with tokens_per_s and peak_rss_mib of this package.
+
+    python benchmarks/train_speed.py --config configs/demo_rar.yaml --steps 12 --rounds 3 [--before CHECKOUT]
+
+With --config the step is exactly `rar train`'s for that config (`Trainer.train_step`: its
+model, dropouts, recompute mode, optimizer and batch), on synthetic tokens of the data's shape;
+with --before the same step of another checkout of rar (e.g. a git worktree of an earlier
+commit) alternates with this one, and both print the same losses when the change is exact.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -45,7 +53,37 @@ def official_groups(model, weight_decay):
             {"params": [p for n, p in model.named_parameters() if not skip(n, p)], "weight_decay": weight_decay}]
 
 
+def run_config(args) -> dict:
+    """Time `Trainer.train_step` of `rar train` with args.config (synthetic data of the preset's shape)."""
+    try:
+        from rar.core.runconfig import load_config
+    except ImportError:  # a checkout from before the layers (--before)
+        from rar.runconfig import load_config
+    from rar.training.config import TrainConfig
+    from rar.training.loop import Trainer
+
+    torch.set_num_threads(args.threads)
+    cfg = load_config(TrainConfig, args.config, [f"out_dir={args.out_dir}", "data.synthetic=true", "progress=false",
+                                                 "tensorboard=false", f"num_threads={args.threads}"])
+    tr = Trainer(cfg)
+    tr.wrap()
+    times, losses = [], []
+    for _ in range(args.steps + 1):
+        t0 = time.perf_counter()
+        rec = tr.train_step()
+        times.append(time.perf_counter() - t0)
+        losses.append(rec["loss"])
+    sec = min(times[1:])  # the first step is warm-up
+    tokens = cfg.batch_size * tr.raw.config.num_tokens
+    return {"impl": args.impl, "tokens_per_s": tokens / sec, "seconds_per_step": sec,
+            "median_seconds_per_step": sorted(times[1:])[len(times[1:]) // 2],
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "eval_loss": losses[0],
+            "losses": losses}
+
+
 def run_one(args) -> dict:
+    if args.config:
+        return run_config(args)
     from rar import RAR, RARConfig
     from rar.training.loop import compute_loss, make_optimizer
     from rar.training.config import OptimSection
@@ -113,23 +151,44 @@ def main() -> None:
                     help="what rar's backward pass recomputes (train config key `checkpointing`)")
     ap.add_argument("--official-repo", default=None)
     ap.add_argument("--rounds", type=int, default=1, help="alternating runs of each implementation; the best counts")
+    ap.add_argument("--config", default=None, help="time rar train's step for this config (synthetic tokens)")
+    ap.add_argument("--before", default=None, metavar="CHECKOUT", help="with --config: also another checkout's rar")
+    ap.add_argument("--out-dir", default="/tmp/rar-train-speed", help=argparse.SUPPRESS)
     ap.add_argument("--impl", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.impl:
         print(json.dumps(run_one(args)))
         return
-    results = {}
+    results, runs = {}, {"official": [], "before": [], "ours": []}
     for _ in range(args.rounds):  # alternate the implementations: slow drifts of the machine hit both
-        for impl in (["official"] if args.official_repo else []) + ["ours"]:
+        for impl in (["official"] if args.official_repo else []) + (["before"] if args.before else []) + ["ours"]:
             cmd = [sys.executable, __file__, *sys.argv[1:], "--impl", impl]
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            env = {**os.environ, "PYTHONPATH": args.before} if impl == "before" else None
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
             r = json.loads(out.strip().splitlines()[-1])
+            runs[impl].append(r)
             if impl not in results or r["tokens_per_s"] > results[impl]["tokens_per_s"]:
                 results[impl] = r
-            print(f"{impl:9s} {args.preset} batch {args.batch_size} {args.precision} {args.device}: "
-                  f"{r['tokens_per_s']:.1f} tokens/s, {r['seconds_per_step']:.2f} s/step, peak {r['peak_rss_mib']:.0f} MiB, "
+            what = args.config or f"{args.preset} batch {args.batch_size} {args.precision} {args.device}"
+            print(f"{impl:9s} {what}: "
+                  f"{r['tokens_per_s']:.1f} tokens/s, {r['seconds_per_step']:.3f} s/step"
+                  + (f" (median {r['median_seconds_per_step']:.3f})" if "median_seconds_per_step" in r else "")
+                  + f", peak {r['peak_rss_mib']:.0f} MiB, "
                   f"eval loss {r['eval_loss']:.6f}, train losses {[round(x, 4) for x in r['losses']]}", flush=True)
     summary = {k: v for k, v in results["ours"].items() if k != "losses"}
+    if "before" in results:
+        paired = [o["tokens_per_s"] / b["tokens_per_s"] for b, o in zip(runs["before"], runs["ours"])]
+        summary.update(speedup_vs_before=summary["tokens_per_s"] / results["before"]["tokens_per_s"],
+                       paired_speedups_vs_before=paired,
+                       max_loss_diff_vs_before=max(abs(a - b) for a, b in zip(results["before"]["losses"],
+                                                                               results["ours"]["losses"])))
+        print(f"this checkout vs {args.before}: {summary['speedup_vs_before']:.3f}x tokens/s best vs best; per round "
+              + ", ".join(f"{x:.3f}x" for x in paired) + f"; largest loss difference {summary['max_loss_diff_vs_before']:.2e}")
+    for line in open("/proc/cpuinfo") if sys.platform.startswith("linux") else []:
+        if line.startswith("model name"):
+            from rar.decode.cpu.capability import CPUCapability  # this checkout's
+            print(f"host: {line.split(':', 1)[1].strip()}, {CPUCapability.detect().describe()}, {args.threads} threads")
+            break
     if "official" in results:
         off = results["official"]
         summary.update(speedup_vs_official=summary["tokens_per_s"] / off["tokens_per_s"],

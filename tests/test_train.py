@@ -242,7 +242,7 @@ def test_losses_do_not_depend_on_the_thread_count(tmp_path):
 
 
 def test_thread_governor_drops_a_thread_under_contention_and_returns():
-    from rar.training.threads import ThreadGovernor
+    from rar.core.threads import ThreadGovernor
 
     counts = []
     gov = ThreadGovernor(2, window=2, reprobe=4, set_threads=counts.append)

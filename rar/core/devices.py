@@ -1,6 +1,9 @@
 """Device names as users give them."""
 from __future__ import annotations
 
+import ctypes
+import sys
+
 import torch
 
 
@@ -27,3 +30,21 @@ def rank_and_world_size(environ) -> tuple[int, int]:
     except ValueError as err:
         raise ValueError(f"RANK / WORLD_SIZE must be integers, got {environ.get('RANK')!r} / "
                          f"{environ.get('WORLD_SIZE')!r}.") from err
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc keep freed memory for reuse instead of giving it back to the kernel. By default a
+    block over 128 KiB is mmap'ed and unmapped again, and free memory at the top of the heap is
+    trimmed, so every training step faults in fresh zeroed pages for its activations (thousands of
+    page faults per step of a small model; BENCHMARKS.md). Process-wide; RSS then stays at the peak
+    (which a training process reaches every step anyway). Returns False where it does not apply."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (e.g. musl)
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    return bool(mallopt(M_MMAP_THRESHOLD, 1 << 30) or mallopt(M_MMAP_THRESHOLD, 32 << 20)) \
+        and bool(mallopt(M_TRIM_THRESHOLD, 1 << 30))

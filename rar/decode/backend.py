@@ -20,26 +20,16 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from ..model.transformer import RAR, BlockModulation, HeadModulation
+from ..model.transformer import RAR, BlockModulation, FoldedModulation, HeadModulation
 from .cpu import attention_kernel, linear_kernel
 from .cpu.capability import CPUCapability
 from .cpu.linear import DecodeLinear
 from .cpu.toolchain import PROCESS_BUILDS, KernelBuilds
-
-
-class FoldedModulation(NamedTuple):
-    """A block's chunks of the folded adaLN output: modulate(norm(x)) = x_hat * a + c per branch."""
-    a_msa: torch.Tensor
-    c_msa: torch.Tensor
-    gate_msa: torch.Tensor
-    a_mlp: torch.Tensor
-    c_mlp: torch.Tensor
-    gate_mlp: torch.Tensor
 
 
 def fold_adaln(model: RAR) -> torch.nn.Linear:

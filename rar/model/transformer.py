@@ -18,6 +18,7 @@ arguments, and `training` (dropout on/off) is the only mode, as in any torch mod
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -49,6 +50,20 @@ class BlockModulation(NamedTuple):
         return cls(*t.chunk(6, dim=dim))
 
 
+class FoldedModulation(NamedTuple):
+    """A block's modulation with its LayerNorm affine (w, b) folded in: per branch the modulated
+    norm (x_hat w + b)(1 + scale) + shift is x_hat * a + c with a = w (1 + scale) and
+    c = b (1 + scale) + shift, one fused op on the rows instead of four. The training forward folds
+    per (class, position) before gathering to rows; the decoder folds the weights once
+    (`rar.decode.fold_adaln`)."""
+    a_msa: torch.Tensor
+    c_msa: torch.Tensor
+    gate_msa: torch.Tensor
+    a_mlp: torch.Tensor
+    c_mlp: torch.Tensor
+    gate_mlp: torch.Tensor
+
+
 class HeadModulation(NamedTuple):
     """The two chunks of the head's adaLN output; the official order is (scale, shift), the
     reverse of the blocks'."""
@@ -77,17 +92,27 @@ def _selective_contexts():
     return create_selective_checkpoint_contexts(_keep_matmuls)
 
 
+def _rows(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """table[index] for a (R, D) table and an integer index of any shape, by index_select: its
+    backward sums repeated rows in a fixed order, where advanced indexing's (index_put_ with
+    accumulate) adds them with atomics on CPU threads, so training was not bit-reproducible."""
+    return table.index_select(0, index.reshape(-1)).view(*index.shape, table.shape[-1])
+
+
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x * (1 + scale) + shift
 
 
 class DropMasks(NamedTuple):
-    """One block's dropout keep-masks (True = keep), drawn before the block runs: recomputing the
-    block in the backward pass (`recompute=`) reuses them instead of replaying the RNG."""
-    attn: torch.Tensor | None  # (B, H, N, N) attention probabilities
+    """One block's dropout masks, drawn before the block runs: recomputing the block in the
+    backward pass (`recompute=`) reuses them instead of replaying the RNG. The attention mask is a
+    keep-mask (True = keep); the others are keep-masks too, or, where memory is not the concern,
+    multipliers (`scale_mask`: 0 or 1 / (1 - p)), which apply in one pass each way."""
+    attn: torch.Tensor | None  # (B, H, N, N) attention probabilities, bool
     proj: torch.Tensor | None  # (B, N, D) attention output
     hidden: torch.Tensor | None  # (B, N, M) MLP hidden layer
     out: torch.Tensor | None  # (B, N, D) MLP output
+    p: float = 0.0  # the residual and MLP dropout rate
 
 
 _LEVELS = 2**16  # dropout probabilities are rounded to multiples of 1/65536
@@ -97,13 +122,32 @@ def _drop_level(p: float) -> int:
     return round(p * _LEVELS)  # P(drop) = level / 65536
 
 
+def _uniform16(shape, device=None) -> torch.Tensor:
+    """Uniform int16 values of `shape` from the global RNG, drawn as full-range int64 words split in
+    four: the generator runs a quarter as often as for int16 draws (it is serial on CPU)."""
+    n = math.prod(shape)
+    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-2**63, None)
+    return words.view(torch.int16)[:n].view(shape)
+
+
 def keep_mask(shape, p: float, device=None) -> torch.Tensor | None:
-    """Bernoulli keep-mask with P(drop) = p rounded to 1/65536, from the global RNG as 16-bit integers:
-    three times cheaper than `bernoulli_` on CPU, where dropout was ~15% of RAR-B's training step."""
+    """Bernoulli keep-mask with P(drop) = p rounded to 1/65536, from 16-bit uniform integers
+    (cheaper than `bernoulli_` on CPU)."""
     t = _drop_level(p)
     if t == 0:
         return None
-    return torch.randint(-_LEVELS // 2, _LEVELS // 2, shape, dtype=torch.int16, device=device) >= t - _LEVELS // 2
+    return _uniform16(shape, device) >= t - _LEVELS // 2
+
+
+def scale_mask(shape, p: float, device=None, dtype=torch.float32) -> torch.Tensor | None:
+    """`keep_mask`'s draws as inverted-dropout multipliers: 0 where dropped, `drop_scale(p)` where
+    kept. `x * scale_mask` is inverted dropout in one pass forward and one backward."""
+    t = _drop_level(p)
+    if t == 0:
+        return None
+    keep = _uniform16(shape, device) >= t - _LEVELS // 2
+    return torch.where(keep, torch.tensor(drop_scale(p), dtype=dtype, device=device),
+                       torch.tensor(0.0, dtype=dtype, device=device))
 
 
 def drop_scale(p: float) -> float:
@@ -114,6 +158,14 @@ def drop_scale(p: float) -> float:
 def dropout(x: torch.Tensor, keep: torch.Tensor | None, p: float) -> torch.Tensor:
     """Inverted dropout with a given keep-mask (None: identity)."""
     return x if keep is None else torch.where(keep, x, 0.0).mul_(drop_scale(p))
+
+
+def apply_mask(x: torch.Tensor, mask: torch.Tensor | None, p: float) -> torch.Tensor:
+    """Inverted dropout with a keep-mask (bool) or a `scale_mask` (float); None: identity. x keeps
+    its dtype (bf16 under autocast)."""
+    if mask is None:
+        return x
+    return dropout(x, mask, p) if mask.dtype == torch.bool else (x * mask).to(x.dtype)
 
 
 def _attention_dropout(q, k, v, keep: torch.Tensor, p: float) -> torch.Tensor:
@@ -157,7 +209,7 @@ class Attention(nn.Module):
         else:  # the caller recomputes the whole block
             out = _attention_dropout(q, k, v, drop.attn, self.attn_dropout)
         out = out.transpose(1, 2).reshape(B, N, D)
-        return dropout(self.proj(out), None if drop is None else drop.proj, self.dropout)
+        return self.proj(out) if drop is None else apply_mask(self.proj(out), drop.proj, drop.p)
 
 
 class Mlp(nn.Module):
@@ -171,8 +223,9 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor, drop: DropMasks | None = None) -> torch.Tensor:
-        hidden, out = (None, None) if drop is None else (drop.hidden, drop.out)
-        return dropout(self.fc2(dropout(self.act(self.fc1(x)), hidden, self.dropout)), out, self.dropout)
+        if drop is None:
+            return self.fc2(self.act(self.fc1(x)))
+        return apply_mask(self.fc2(apply_mask(self.act(self.fc1(x)), drop.hidden, drop.p)), drop.out, drop.p)
 
 
 class Block(nn.Module):
@@ -187,19 +240,34 @@ class Block(nn.Module):
         self.mlp = Mlp(d, cfg.mlp_size, reg.dropout)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
 
-    def dropout_masks(self, B: int, N: int, device) -> DropMasks | None:
-        """Fresh keep-masks for a training forward of (B, N) positions; None when nothing drops."""
+    def dropout_masks(self, B: int, N: int, device, as_scales: bool = False) -> DropMasks | None:
+        """Fresh masks for a training forward of (B, N) positions; None when nothing drops. With
+        `as_scales` the residual and MLP masks are float multipliers (4 bytes each instead of 1,
+        one pass instead of two): for the mode that keeps every activation anyway."""
+        p = self.mlp.dropout
+        draw = scale_mask if as_scales else keep_mask
         masks = DropMasks(keep_mask((B, self.attn.num_heads, N, N), self.attn.attn_dropout, device),
-                          *(keep_mask((B, N, w), self.mlp.dropout, device)
-                            for w in (self.mlp.fc2.out_features, self.mlp.fc1.out_features, self.mlp.fc2.out_features)))
-        return None if all(m is None for m in masks) else masks
+                          *(draw((B, N, w), p, device)
+                            for w in (self.mlp.fc2.out_features, self.mlp.fc1.out_features, self.mlp.fc2.out_features)),
+                          p)
+        return None if all(m is None for m in masks[:4]) else masks
 
-    def forward(self, x: torch.Tensor, mod: torch.Tensor, drop: DropMasks | None = None,
+    def fold(self, m: BlockModulation) -> FoldedModulation:
+        """The modulation `m` with this block's LayerNorm affines folded in (any leading shape)."""
+        s_msa, s_mlp = 1 + m.scale_msa, 1 + m.scale_mlp
+        return FoldedModulation(self.norm1.weight * s_msa, torch.addcmul(m.shift_msa, self.norm1.bias, s_msa),
+                                m.gate_msa, self.norm2.weight * s_mlp, torch.addcmul(m.shift_mlp, self.norm2.bias, s_mlp),
+                                m.gate_mlp)
+
+    def forward(self, x: torch.Tensor, mod: torch.Tensor | FoldedModulation, drop: DropMasks | None = None,
                 recompute_attention: bool = True) -> torch.Tensor:
-        # x (B, N, D); mod (B, N, 6D) = adaLN_modulation(per-slot condition)
-        m = BlockModulation.split(mod)
-        x = x + m.gate_msa * self.attn(modulate(self.norm1(x), m.shift_msa, m.scale_msa), drop, recompute_attention)
-        return x + m.gate_mlp * self.mlp(modulate(self.norm2(x), m.shift_mlp, m.scale_mlp), drop)
+        # x (B, N, D); mod (B, N, 6D) = adaLN_modulation(per-slot condition), or already folded
+        m = mod if isinstance(mod, FoldedModulation) else self.fold(BlockModulation.split(mod))
+        D = x.shape[-1]
+        h = torch.addcmul(m.c_msa, F.layer_norm(x, (D,), eps=NORM_EPS), m.a_msa)  # modulated norm1(x)
+        x = torch.addcmul(x, m.gate_msa, self.attn(h, drop, recompute_attention))
+        h = torch.addcmul(m.c_mlp, F.layer_norm(x, (D,), eps=NORM_EPS), m.a_mlp)  # modulated norm2(x)
+        return torch.addcmul(x, m.gate_mlp, self.mlp(h, drop))
 
 
 class FinalLayer(nn.Module):
@@ -210,9 +278,15 @@ class FinalLayer(nn.Module):
         self.norm_final = nn.LayerNorm(d, eps=NORM_EPS, elementwise_affine=False)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 2 * d))
 
-    def forward(self, x: torch.Tensor, mod: torch.Tensor) -> torch.Tensor:
-        m = HeadModulation.split(mod)
-        return modulate(self.norm_final(x), m.shift, m.scale)
+    @staticmethod
+    def fold(m: HeadModulation) -> HeadModulation:
+        """(1 + scale, shift): the head's modulation as the multiplier and offset of the norm."""
+        return HeadModulation(1 + m.scale, m.shift)
+
+    def forward(self, x: torch.Tensor, mod: torch.Tensor | HeadModulation) -> torch.Tensor:
+        # mod (B, N, 2D) = adaLN_modulation(condition), or a folded HeadModulation (1 + scale, shift)
+        m = mod if isinstance(mod, HeadModulation) else self.fold(HeadModulation.split(mod))
+        return torch.addcmul(m.shift, self.norm_final(x), m.scale)
 
 
 class RAR(nn.Module):
@@ -293,9 +367,9 @@ class RAR(nn.Module):
                      next_index: torch.Tensor | None) -> torch.Tensor:
         """Inputs at image positions: token embedding + position of this token + target-aware
         position of the token predicted next. tokens/raster_index/next_index (B, N) -> (B, N, D)."""
-        x = self.embeddings(tokens) + self.pos_embed[0, PREFIX:][raster_index]  # (B, N, D)
+        x = self.embeddings(tokens) + _rows(self.pos_embed[0, PREFIX:], raster_index)  # (B, N, D)
         if next_index is not None:
-            x = x + self.target_aware_pos_embed[0][next_index]
+            x = x + _rows(self.target_aware_pos_embed[0], next_index)
         return x
 
     def embed_prefix(self, labels: torch.Tensor, first_index: torch.Tensor) -> torch.Tensor:
@@ -303,10 +377,10 @@ class RAR(nn.Module):
         B = labels.shape[0]
         cls = self.cls_token.expand(B, -1, -1) + self.pos_embed[:, :1]  # (B, 1, D)
         cond = self.embeddings(labels + self.config.codebook_size + 1)[:, None] + self.pos_embed[:, 1:2]
-        cond = cond + self.target_aware_pos_embed[0][first_index][:, None]  # (B, 1, D)
+        cond = cond + _rows(self.target_aware_pos_embed[0], first_index)[:, None]  # (B, 1, D)
         return torch.cat([cls, cond], dim=1)
 
-    def forward_hidden(self, x: torch.Tensor, mods: list[torch.Tensor], recompute: str = "selective") -> torch.Tensor:
+    def forward_hidden(self, x: torch.Tensor, mods: list, recompute: str = "selective") -> torch.Tensor:
         """Run the blocks and the final adaLN on a whole (causal) sequence: (B, N, D) -> (B, N, D).
         `recompute` (one of RECOMPUTE_MODES) chooses what the backward pass recomputes."""
         if recompute not in RECOMPUTE_MODES:
@@ -315,7 +389,7 @@ class RAR(nn.Module):
         contexts = _selective_contexts if recompute == "selective" else torch.utils.checkpoint.noop_context_fn
         B, N = x.shape[:2]
         for i, blk in enumerate(self.blocks):
-            drop = blk.dropout_masks(B, N, x.device) if self.training else None
+            drop = blk.dropout_masks(B, N, x.device, as_scales=not whole_block) if self.training else None
             if whole_block:  # the block's own recomputation covers the attention
                 x = torch.utils.checkpoint.checkpoint(blk, x, mods[i], drop, False, use_reentrant=False,
                                                       context_fn=contexts, preserve_rng_state=False)
@@ -340,10 +414,14 @@ class RAR(nn.Module):
                        self.embed_tokens(seq[:, :-1], orders[:, :-1], orders[:, 1:])], dim=1)  # (B, T+1, D)
         # The adaLN input depends only on (class, position): compute it once per distinct class in
         # the batch (a third of the FLOPs when few classes repeat, e.g. 10 digits).
+        # The LayerNorm affines are folded in there too (`FoldedModulation`), and each chunk is then
+        # gathered to the rows: the backward pass sums into (U, T+1, D) chunks.
         distinct, inverse = labels.unique(return_inverse=True)  # (U,), (B,)
-        if len(distinct) < len(labels):
-            mods = [m.index_select(0, inverse) for m in self.modulations(self.condition(distinct))]  # (B, T+1, 6D)
-        else:
-            mods = self.modulations(self.condition(labels))
+        few = len(distinct) < len(labels)
+        mods = self.modulations(self.condition(distinct if few else labels))  # (U or B, T+1, 6D), ..., 2D
+        mods = [blk.fold(BlockModulation.split(m)) for blk, m in zip(self.blocks, mods)] + \
+            [FinalLayer.fold(HeadModulation.split(mods[-1]))]
+        if few:
+            mods = [type(m)(*(c.index_select(0, inverse) for c in m)) for m in mods]  # chunks (B, T+1, D)
         h = self.forward_hidden(x, mods, recompute=recompute)  # (B, T+1, D)
         return self.lm_head(h[:, 1:])  # (B, T, V): drop the [cls] position

@@ -31,6 +31,7 @@ from ..core.checks import finite
 from ..core.files import ensure_writable_dir
 from ..core.runconfig import config_from_dict, load_config, require, save_config, to_dict
 from ..core.schedules import warmup_cosine
+from ..core.threads import ThreadGovernor
 from ..data.images import load_folder_images, make_grid, psnr, to_uint8
 from ..data.mnist import load_mnist_digits
 from .vqgan import VQGAN, VQGANConfig, load_any_tokenizer, save_tokenizer
@@ -71,7 +72,7 @@ class TokenizerTrainConfig:
     restart_every: int = 50  # 0 disables dead-code restarts
     seed: int = 0
     device: str = "cpu"
-    num_threads: Optional[int] = None  # torch CPU threads while training (None: leave torch's setting)
+    num_threads: Optional[int] = None  # torch CPU threads while training (None: governed, `ThreadGovernor`)
     out_dir: str = "runs/tokenizer_digits"
     log_every: int = 100
     grid_images: int = 32
@@ -284,7 +285,9 @@ def _train(cfg: TokenizerTrainConfig, out: Path, images, holdout_images) -> dict
     quantize = cfg.kmeans_init_step <= 0
 
     bar = tqdm(range(cfg.steps), desc="train-tokenizer", unit="step", disable=not cfg.progress)
+    governor = ThreadGovernor(torch.get_num_threads()) if cfg.num_threads is None and cfg.device == "cpu" else None
     for step in bar:
+        t_step = time.perf_counter()
         if not quantize and step >= cfg.kmeans_init_step:
             _init_codebook(model, train, cfg, gen)
             quantize = True
@@ -306,6 +309,8 @@ def _train(cfg: TokenizerTrainConfig, out: Path, images, holdout_images) -> dict
                 usage.zero_()
         if cfg.progress and (step % cfg.log_every == 0 or step == cfg.steps - 1):
             bar.set_postfix(recon=f"{history[-1][1]:.4f}", vq=f"{history[-1][2]:.4f}")
+        if governor is not None:
+            governor.step_done(time.perf_counter() - t_step)
     seconds = time.time() - t0
     report = _finish(model, cfg, out, held, history, restarts, seconds, "config" if images is None else "arrays")
     report["total_seconds"] = time.time() - start  # data loading + training + evaluation + saving

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..core.devices import resolve_device
+from ..core.devices import keep_freed_memory, resolve_device
 from ..core.schedules import warmup_cosine
 from ..core.seeds import mix_seed
 from ..data.batches import TokenData, gather_batch, global_batch_indices, load_token_shards, synthetic_tokens
@@ -28,7 +28,7 @@ from ..model.transformer import RAR
 from ..model.weights import save_generator
 from . import checkpoints, logs, plots
 from .config import OptimSection, TrainConfig, model_preset
-from .threads import ThreadGovernor
+from ..core.threads import ThreadGovernor
 
 
 def compute_loss(model, tokens: torch.Tensor, labels: torch.Tensor, orders: torch.Tensor,
@@ -129,6 +129,10 @@ class Trainer:
             logs.truncate_metrics(self.out, self.step)
 
     def wrap(self) -> None:
+        """Ready the model for training steps: DDP, torch.compile, and on CPU an allocator that
+        keeps freed memory (`keep_freed_memory`)."""
+        if self.device.type == "cpu":
+            keep_freed_memory()
         if self.cfg.tf32 and self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         if self.world > 1:

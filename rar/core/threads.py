@@ -1,4 +1,4 @@
-"""How many CPU threads a training run uses while it runs.
+"""How many CPU threads a training run (of RAR or of the tokenizer) uses while it runs.
 
 With another process busy on one of the cores, torch's OpenMP threads wait for each other at
 every parallel region, and a step of a small model takes several times as long as on the idle
