@@ -416,12 +416,14 @@ class RAR(nn.Module):
         # the batch (a third of the FLOPs when few classes repeat, e.g. 10 digits).
         # The LayerNorm affines are folded in there too (`FoldedModulation`), and each chunk is then
         # gathered to the rows: the backward pass sums into (U, T+1, D) chunks.
+        # Without repeats the blocks fold their own rows' modulation (inside any recomputation).
         distinct, inverse = labels.unique(return_inverse=True)  # (U,), (B,)
-        few = len(distinct) < len(labels)
-        mods = self.modulations(self.condition(distinct if few else labels))  # (U or B, T+1, 6D), ..., 2D
-        mods = [blk.fold(BlockModulation.split(m)) for blk, m in zip(self.blocks, mods)] + \
-            [FinalLayer.fold(HeadModulation.split(mods[-1]))]
-        if few:
+        if len(distinct) < len(labels):
+            mods = self.modulations(self.condition(distinct))  # (U, T+1, 6D), ..., (U, T+1, 2D)
+            mods = [blk.fold(BlockModulation.split(m)) for blk, m in zip(self.blocks, mods)] + \
+                [FinalLayer.fold(HeadModulation.split(mods[-1]))]
             mods = [type(m)(*(c.index_select(0, inverse) for c in m)) for m in mods]  # chunks (B, T+1, D)
+        else:
+            mods = self.modulations(self.condition(labels))  # (B, T+1, 6D), ..., (B, T+1, 2D)
         h = self.forward_hidden(x, mods, recompute=recompute)  # (B, T+1, D)
         return self.lm_head(h[:, 1:])  # (B, T, V): drop the [cls] position
