@@ -221,7 +221,7 @@ def test_selective_recomputation_keeps_less():
 
 
 def test_keep_mask_rate_and_scale():
-    from rar.model.transformer import drop_scale, dropout, keep_mask
+    from rar.model.dropout import drop_scale, dropout, keep_mask
 
     torch.manual_seed(0)
     keep = keep_mask((1000, 1000), 0.1)
