@@ -31,7 +31,7 @@ from ..core.files import ensure_writable_dir
 from ..data.images import to_uint8
 from ..decode.backend import DecodeBackend
 from ..inference.refinement import RefineSettings
-from ..inference.sampler import SamplingSettings, as_backend
+from ..inference.sampler import SamplingSettings, as_backend, with_overrides
 from ..tokenizer.vqgan import state_dict_sha256
 from .sample_files import sample_batches
 
@@ -123,9 +123,7 @@ def sample_eval(model, tokenizer, out_npz, *, num_per_class: int = 50, num_class
         raise ValueError(f"num_classes must be between 1 and the generator's {available} classes, got {num_classes}.")
     check_counts(num_per_class=num_per_class, chunk_size=chunk_size, batch_size=batch_size)
     total, n_chunks = num_classes * num_per_class, -(-num_classes * num_per_class // chunk_size)
-    settings = (settings or SamplingSettings()).overridden(
-        guidance_scale=guidance_scale, guidance_scale_pow=guidance_scale_pow, temperature=temperature,
-        top_k=top_k, top_p=top_p)
+    settings = with_overrides(settings, guidance_scale, guidance_scale_pow, temperature, top_k, top_p)
     backend = as_backend(model)  # prepared once, not per batch; it knows the dtype decoding runs in
     wanted = eval_settings(backend, tokenizer, num_classes=num_classes, num_per_class=num_per_class, seed=seed,
                            chunk_size=chunk_size, settings=settings, order=order, refine=refine)

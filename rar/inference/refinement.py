@@ -26,7 +26,7 @@ from ..decode.backend import DecodeBackend
 from ..model.transformer import RAR
 from .editing import edit
 from .likelihood import order_nll
-from .sampler import SamplingSettings, as_backend
+from .sampler import SamplingSettings, as_backend, with_overrides
 
 SELECT = ("likelihood", "random")
 
@@ -124,9 +124,7 @@ def refine(model: RAR | DecodeBackend, tokens, labels, *, rounds: int = 1, fract
     rounds = 0 returns the input."""
     backend = as_backend(model)
     out = check_tokens(tokens, backend.config, backend.device)
-    sampling = (settings or SamplingSettings()).overridden(
-        guidance_scale=guidance_scale, guidance_scale_pow=guidance_scale_pow, temperature=temperature,
-        top_k=top_k, top_p=top_p)
+    sampling = with_overrides(settings, guidance_scale, guidance_scale_pow, temperature, top_k, top_p)
     for out in iter_refine(backend, out, labels, RefineSettings(rounds, fraction, select, groups), seed=seed,
                            indices=indices, sampling=sampling):
         pass

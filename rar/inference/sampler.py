@@ -108,9 +108,16 @@ def resolve_settings(defaults: SamplingDefaults, guidance_scale=None, guidance_s
                      top_k=None, top_p=None, settings: SamplingSettings | None = None) -> SamplingSettings:
     """`settings` (default: all unset) with the loose keywords given applied, resolved against the
     model's `defaults` and checked."""
+    return with_overrides(settings, guidance_scale, guidance_scale_pow, temperature, top_k, top_p).resolve(defaults)
+
+
+def with_overrides(settings: SamplingSettings | None, guidance_scale=None, guidance_scale_pow=None, temperature=None,
+                   top_k=None, top_p=None) -> SamplingSettings:
+    """`settings` (default: all unset) with the loose keywords that are given applied over it: the
+    thin keyword layer of every sampling function."""
     return (settings or SamplingSettings()).overridden(
         guidance_scale=guidance_scale, guidance_scale_pow=guidance_scale_pow, temperature=temperature,
-        top_k=top_k, top_p=top_p).resolve(defaults)
+        top_k=top_k, top_p=top_p)
 
 
 def sample_uniforms(seed: int, indices, num_tokens: int, device) -> torch.Tensor:

@@ -19,7 +19,6 @@ class DropMasks(NamedTuple):
     proj: torch.Tensor | None  # (B, N, D) attention output
     hidden: torch.Tensor | None  # (B, N, M) MLP hidden layer
     out: torch.Tensor | None  # (B, N, D) MLP output
-    p: float = 0.0  # the residual and MLP dropout rate
 
 
 _LEVELS = 2**16  # dropout probabilities are rounded to multiples of 1/65536
@@ -49,10 +48,9 @@ def keep_mask(shape, p: float, device=None) -> torch.Tensor | None:
 def scale_mask(shape, p: float, device=None, dtype=torch.float32) -> torch.Tensor | None:
     """`keep_mask`'s draws as inverted-dropout multipliers: 0 where dropped, `drop_scale(p)` where
     kept. `x * scale_mask` is inverted dropout in one pass forward and one backward."""
-    t = _drop_level(p)
-    if t == 0:
+    keep = keep_mask(shape, p, device)
+    if keep is None:
         return None
-    keep = _uniform16(shape, device) >= t - _LEVELS // 2
     return torch.where(keep, torch.tensor(drop_scale(p), dtype=dtype, device=device),
                        torch.tensor(0.0, dtype=dtype, device=device))
 

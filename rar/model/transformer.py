@@ -144,7 +144,7 @@ class Attention(nn.Module):
         else:  # the caller recomputes the whole block
             out = _attention_dropout(q, k, v, drop.attn, self.attn_dropout)
         out = out.transpose(1, 2).reshape(B, N, D)
-        return self.proj(out) if drop is None else apply_mask(self.proj(out), drop.proj, drop.p)
+        return apply_mask(self.proj(out), None if drop is None else drop.proj, self.dropout)
 
 
 class Mlp(nn.Module):
@@ -158,9 +158,8 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor, drop: DropMasks | None = None) -> torch.Tensor:
-        if drop is None:
-            return self.fc2(self.act(self.fc1(x)))
-        return apply_mask(self.fc2(apply_mask(self.act(self.fc1(x)), drop.hidden, drop.p)), drop.out, drop.p)
+        hidden, out = (None, None) if drop is None else (drop.hidden, drop.out)
+        return apply_mask(self.fc2(apply_mask(self.act(self.fc1(x)), hidden, self.dropout)), out, self.dropout)
 
 
 class Block(nn.Module):
@@ -179,13 +178,11 @@ class Block(nn.Module):
         """Fresh masks for a training forward of (B, N) positions; None when nothing drops. With
         `as_scales` the residual and MLP masks are float multipliers (4 bytes each instead of 1,
         one pass instead of two): for the mode that keeps every activation anyway."""
-        p = self.mlp.dropout
         draw = scale_mask if as_scales else keep_mask
         masks = DropMasks(keep_mask((B, self.attn.num_heads, N, N), self.attn.attn_dropout, device),
-                          *(draw((B, N, w), p, device)
-                            for w in (self.mlp.fc2.out_features, self.mlp.fc1.out_features, self.mlp.fc2.out_features)),
-                          p)
-        return None if all(m is None for m in masks[:4]) else masks
+                          *(draw((B, N, w), self.mlp.dropout, device)
+                            for w in (self.mlp.fc2.out_features, self.mlp.fc1.out_features, self.mlp.fc2.out_features)))
+        return None if all(m is None for m in masks) else masks
 
     def fold(self, m: BlockModulation) -> FoldedModulation:
         """The modulation `m` with this block's LayerNorm affines folded in (any leading shape)."""
