@@ -3,6 +3,11 @@ weights in the same run.
 
     python benchmarks/sample_speed.py --preset rar_b --batch-size 8 [--device cpu|cuda]
         [--dtype float32|bfloat16] [--official-repo /path/to/1d-tokenizer] [--threads 2]
+        [--steps 256 64 32] [--schedule cosine] [--order raster|random|wavefront]
+
+`--steps` lists numbers of network passes for rar (parallel decoding below the number of
+tokens; default one pass per token); each is measured in its own process and compared with the
+official sampler (always one pass per token) of the same round.
 
 Each measurement runs in its own subprocess so that peak memory (ru_maxrss) belongs to it alone;
 with --rounds N the implementations alternate N times and each one's best run counts. rar prepares
@@ -118,8 +123,11 @@ def run_one(args) -> dict:
         setup_s = time.perf_counter() - t0
         attention = model.description
 
+        steps = int(args.impl.split("@")[1]) if args.impl.startswith("ours@") else None  # "ours@S": S passes
+
         def sample():
-            return generate(model, labels, top_k=1 if greedy else None, seed=0)
+            return generate(model, labels, top_k=1 if greedy else None, seed=0,
+                            **({} if steps is None else dict(steps=steps, schedule=args.schedule, order=args.order)))
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     times, tokens = [], None
     for _ in range(args.warmup + args.repeats):
@@ -205,6 +213,9 @@ def main() -> None:
     ap.add_argument("--official-repo", default=None, help="checkout of bytedance/1d-tokenizer to compare against")
     ap.add_argument("--before", default=None, metavar="CHECKOUT",
                     help="also run rar from this checkout (e.g. a git worktree of an earlier commit), alternating")
+    ap.add_argument("--steps", type=int, nargs="+", default=None, help="network passes of rar's runs (parallel decoding)")
+    ap.add_argument("--schedule", default=None, help="group sizes over the passes (rar.inference.parallel)")
+    ap.add_argument("--order", default=None, help="generation order of the parallel runs, e.g. random or wavefront")
     ap.add_argument("--impl", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.impl:  # child process
@@ -214,9 +225,10 @@ def main() -> None:
 
     cfg = get_preset(args.preset).config
     guided = get_preset(args.preset).sampling.guidance_scale not in (0, 1)
-    results, runs = {}, {"official": [], "ours": [], "before": []}
+    ours = [f"ours@{s}" for s in args.steps] if args.steps else ["ours"]
+    results, runs = {}, {"official": [], "before": [], **{k: [] for k in ours}}
     for _ in range(args.rounds):  # alternate the implementations: slow drifts of the machine hit both
-        for impl in (["official"] if args.official_repo else []) + (["before"] if args.before else []) + ["ours"]:
+        for impl in (["official"] if args.official_repo else []) + (["before"] if args.before else []) + ours:
             cmd = [sys.executable, __file__, *sys.argv[1:], "--impl", impl]
             env = {**os.environ, "PYTHONPATH": args.before} if impl == "before" else None
             out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
@@ -235,6 +247,14 @@ def main() -> None:
               f"peak {r['peak_rss_mib']:.0f} MiB, {frac:.1%} of matmul peak"
               + (f" (+{r['setup_s']:.2f} s once per process to prepare the weights)" if r.get("setup_s") else "")
               + f"; backend: {r['backend']}")
+    for impl in ours[1:] if "official" not in results else ours:
+        if impl.startswith("ours@"):
+            base = "official" if "official" in results else ours[0]
+            paired = [o / u for o, u in zip(runs[base], runs[impl])]
+            print(f"{impl} vs {base}: {results[base]['seconds_per_batch'] / results[impl]['seconds_per_batch']:.2f}x "
+                  "best vs best; per round: " + ", ".join(f"{x:.2f}x" for x in paired))
+    if ours[0] != "ours":  # the summary below is about the first rar run
+        results["ours"], runs["ours"] = results[ours[0]], runs[ours[0]]
     summary = {k: v for k, v in results["ours"].items() if k != "tokens"}
     summary.update(flops_per_image=flops, preset=args.preset, dtype=args.dtype, **host_info)
     if "official" in results:

@@ -59,3 +59,25 @@ def test_aggregate_equals_a_direct_computation():
     out = aggregate(runs)
     assert out["a"]["fd"]["mean"] == pytest.approx(7 / 3) and out["a"]["fd"]["std"] == pytest.approx(statistics.stdev([1, 2, 4]))
     assert out["b"]["fd"] == {"values": [3.0], "mean": 3.0, "std": 0.0} and "note" not in out["a"]
+
+
+@pytest.mark.parametrize("name", ["convergence", "ablation_schedule_demo_budget", "ablation_window"])
+def test_the_schedule_study_configs_load_and_validate(name, tmp_path):
+    """The studies of issue #27 build a valid training config for every run; the convergence study
+    evaluates during training, and the window study's windows are the ones asked for."""
+    from pathlib import Path
+
+    from rar.apps.ablate import StudyConfig, run_configs
+    from rar.core.runconfig import load_config
+
+    path = Path(__file__).resolve().parents[1] / "rar" / "configs" / f"{name}.yaml"
+    assert path.read_text() == (path.parents[2] / "configs" / f"{name}.yaml").read_text()  # the two copies agree
+    study = load_config(StudyConfig, path, [f"out_dir={tmp_path}"])
+    runs = run_configs(study, path, ["data.path=demo_out/tokens", "eval.heldout=demo_out/heldout"])
+    assert len(runs) == len(study.variants) * len(study.seeds) and len({str(c.out_dir) for _, _, c in runs}) == len(runs)
+    if name == "convergence":
+        assert all(c.eval.every == 500 and c.eval.samples == 300 and c.max_steps == 10000 for _, _, c in runs)
+    if name == "ablation_window":
+        windows = {v: (c.steps_of(c.anneal_start), c.steps_of(c.anneal_end)) for v, _, c in runs}
+        assert windows == {"early_0.25_0.5": (1500, 3000), "paper_0.5_0.75": (3000, 4500),
+                           "late_0.75_1.0": (4500, 6000), "whole_run_0_1": (0, 6000)}

@@ -68,6 +68,12 @@ def test_generate_then_inpaint_in_a_real_browser(server, tmp_path):
         assert _image_size(page, "gen-grid") == (4 * (4 * 34 + 2), 4 * (34 + 2))
         assert "rar.generate(model, torch.tensor([0, 0, 0, 0])" in page.locator("#gen-code").inner_text()
         page.screenshot(path=str(tmp_path / "generate.png"))
+        steps = page.locator("#gen-steps input[type=number]")  # parallel decoding: 8 network passes
+        steps.fill("8")
+        steps.press("Enter")
+        page.locator("#gen-run").click()
+        page.wait_for_function("() => document.querySelector('#gen-code').innerText.includes('steps=8')",
+                               timeout=60_000)
 
         page.get_by_role("tab", name="Edit").click()
         page.locator("#edit-run").click()  # no image yet: a message, not a traceback

@@ -95,6 +95,12 @@ CLI_CASES = {
     "sample num_per_class=0": (["sample", "{G}", "--num-per-class", "0"], "num_per_class"),
     "sample batch_size=0": (["sample", "{G}", "--batch-size", "0"], "batch_size"),
     "sample device=tpu": (["sample", "{G}", "--device", "tpu"], "device"),
+    "sample device=meta": (["sample", "{G}", "--device", "meta"], "cannot run rar"),
+    "sample device=mps": (["sample", "{G}", "--device", "mps"], "'mps'"),
+    "sample device=cuda:7": (["sample", "{G}", "--device", "cuda:7"], "'cuda:7'"),
+    "sample steps=0": (["sample", "{G}", "--steps", "0"], "steps"),
+    "sample steps > tokens": (["sample", "{G}", "--steps", "100000"], "steps"),
+    "sample unknown schedule": (["sample", "{G}", "--steps", "4", "--schedule", "zigzag"], "schedule must be one of"),
     "sample missing generator": (["sample", "--generator", "{D}/nope", "--out", "{T}/s"], "does not exist"),
     "sample empty .bin": (["sample", "--generator", "{D}/empty.bin", "--out", "{T}/s"], "not a readable"),
     "sample truncated .bin": (["sample", "--generator", "{D}/truncated.bin", "--out", "{T}/s"], "not a readable"),
@@ -262,9 +268,10 @@ def test_train_resume_never_mixes_runs_and_a_finished_run_is_left_alone(files, t
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-0000006", "step-0000008"]
     fresh = tmp_path / "fresh"
     (fresh).mkdir()
-    (fresh / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')  # logged, but no checkpoint
-    code, err = run_cli([*argv[:-2], f"out_dir={fresh}", "max_steps=2"], capsys)
-    assert code == 2 and "no checkpoint was written yet" in err
+    (fresh / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')  # logged, but no checkpoint (Ctrl-C early)
+    assert run_cli([*argv[:-2], f"out_dir={fresh}", "max_steps=2"], capsys)[0] == 0  # nothing to resume: starts over
+    assert [r["step"] for r in read_metrics(fresh / "metrics.jsonl")] == [1, 2]
+    assert (fresh / "metrics-before-start-over.jsonl").read_text() == '{"step": 1, "loss": 1.0}\n'  # kept aside
     OUTCOMES["train resume"] = "clear"
 
 

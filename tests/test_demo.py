@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,6 +28,11 @@ def test_quick_demo_outputs_and_reuse(tmp_path):
     assert m["sample_class_accuracy"] > 0.6  # quick mode is less accurate; the full run is in BENCHMARKS.md
     assert m["fd_mnist_classifier_features"] > m["fd_floor_heldout_vs_train"] > 0
     assert "FD in MNIST-classifier features (not FID)" in first.stdout
+    par = m["parallel"]  # the same samples decoded in T/4 network passes
+    assert par["steps"] == 16 and par["order"] == "random" and par["sample_class_accuracy"] > 0.5
+    assert par["fd_ratio_to_sequential"] == pytest.approx(par["fd_mnist_classifier_features"]
+                                                          / m["fd_mnist_classifier_features"])
+    assert "parallel decoding (16 network passes" in first.stdout
     # editing: 10 digits x (original, masked, raster baseline, kept-first, class-edited)
     assert Image.open(out / "editing.png").size == (10 * 34 + 2, 5 * 34 + 2)
     e = m["editing"]

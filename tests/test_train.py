@@ -302,3 +302,78 @@ def test_sample_grid_is_generated_in_the_runs_scan_order(tmp_path, order):
               for o in ("raster", "spiral_in")}
     assert path.read_bytes() == expect[order].read_bytes()
     assert expect["raster"].read_bytes() != expect["spiral_in"].read_bytes()
+
+
+def _heldout_shards(tmp_path):
+    """Token shards of 24 random 32 px images through the tiny digits tokenizer (codebook 64, 8x8
+    tokens: the tiny generator's), and that tokenizer's folder."""
+    import numpy as np
+
+    from rar.tokenizer.shard_writer import tokenize_dataset
+    from rar.tokenizer.vqgan import VQGAN, VQGANConfig, save_tokenizer
+
+    torch.manual_seed(0)
+    save_tokenizer(VQGAN(VQGANConfig.preset("digits_f4_32")).eval(), tmp_path / "tok")
+    images = np.random.default_rng(0).integers(0, 256, (24, 32, 32), dtype=np.uint8)
+    tokenize_dataset(str(tmp_path / "tok"), images, np.arange(24) % 10, tmp_path / "heldout", flip=False,
+                     progress=False, verbose=False)
+    return tmp_path / "heldout", tmp_path / "tok"
+
+
+def test_eval_logs_heldout_bits_at_its_steps_equal_to_a_direct_computation(tmp_path):
+    import numpy as np
+
+    from rar.data.batches import load_token_shards
+    from rar.training.evaluation import heldout_bits_per_token
+
+    shards, _ = _heldout_shards(tmp_path)
+    train(small_config(tmp_path / "plain"))
+    assert not (tmp_path / "plain" / "eval.jsonl").exists()  # off by default
+    train(small_config(tmp_path / "run", "eval.every=5", f"eval.heldout={shards}"))
+    recs = [json.loads(line) for line in (tmp_path / "run" / "eval.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [5, 10, 12]  # every 5 steps and the last
+    data = load_token_shards(str(shards))
+    tokens = torch.as_tensor(np.array(data.tokens[:, 0]), dtype=torch.long)
+    direct = heldout_bits_per_token(load_generator(tmp_path / "run" / "generator"), tokens,
+                                    torch.as_tensor(data.labels))
+    assert recs[-1]["heldout_bits_per_token"] == pytest.approx(direct, rel=1e-6)
+    assert recs[0]["heldout_bits_per_token"] > recs[-1]["heldout_bits_per_token"] > 0
+    # the evaluation leaves the training's random streams alone: the same losses as without it
+    assert [r["loss"] for r in read_metrics(tmp_path / "run")] == [r["loss"] for r in read_metrics(tmp_path / "plain")]
+    for bad, key in (("eval.every=-1", "eval.every"), ("eval.every=4", "eval.every"), ("eval.samples=-2", "eval.samples")):
+        with pytest.raises(ValueError, match=key):
+            small_config(tmp_path / "bad", bad)
+
+
+def test_eval_with_samples_is_resume_safe(tmp_path):
+    shards, tok = _heldout_shards(tmp_path)
+    base = f"""
+        import os, signal
+        from rar.training.loop import train
+        from rar.training.config import TrainConfig
+        from rar.core.runconfig import load_config
+        cfg = load_config(TrainConfig, 'configs/tiny_synthetic.yaml', ['out_dir=%s'] + {SMALL!r}
+                          + ['eval.every=3', 'eval.heldout={shards}', 'eval.samples=10', 'data.tokenizer={tok}'])
+        def kill(step):
+            if step == KILL_AT:
+                os.kill(os.getpid(), signal.SIGKILL)
+        train(cfg, on_step=kill)
+    """
+    from rar.metrics.digits import DigitClassifier
+    from rar.training.evaluation import CLASSIFIER_FILE
+
+    torch.manual_seed(0)
+    clf = DigitClassifier().state_dict()  # untrained, where each run keeps its own: saves training one here
+    for run in ("a", "b"):
+        (tmp_path / run).mkdir()
+        torch.save(clf, tmp_path / run / CLASSIFIER_FILE)
+    full = run_py(base.replace("%s", str(tmp_path / "a")).replace("KILL_AT", "-1"), ROOT)
+    assert full.returncode == 0, full.stderr
+    assert run_py(base.replace("%s", str(tmp_path / "b")).replace("KILL_AT", "6"), ROOT).returncode == -9
+    resumed = run_py(base.replace("%s", str(tmp_path / "b")).replace("KILL_AT", "-1"), ROOT)
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = ((tmp_path / run / "eval.jsonl").read_text() for run in ("a", "b"))
+    assert a == b  # the evaluation at step 6 (after the step-4 checkpoint) was redone, identically
+    recs = [json.loads(line) for line in a.splitlines()]
+    assert [r["step"] for r in recs] == [3, 6, 9, 12]
+    assert all(r["sample_fd"] > 0 and 0 <= r["sample_class_accuracy"] <= 1 for r in recs)

@@ -2,10 +2,11 @@
 generator + tokenizer pair, e.g. the official RAR-B by name or the digit models of `rar demo`.
 
 Generate tab: class by name, number of images, guidance scale / power / temperature (the
-preset's defaults shown), seed and a random-seed button; the result as a grid and PNG files,
+preset's defaults shown), seed and a random-seed button, network passes (fewer than the tokens:
+parallel decoding, several tokens per pass); the result as a grid and PNG files,
 and the Python call that reproduces it. Edit tab: upload an image (or take a generated one),
 brush the region to regenerate (or pick a preset region), a class or none, inpaint or outpaint,
-kept-first any-order decoding and/or the raster baseline. One job runs at a time per process
+kept-first any-order decoding and/or the raster baseline, network passes. One job runs at a time per process
 (a queue); a bad input is a message in the page, not a traceback.
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ from PIL import Image
 from ..core.devices import resolve_device
 from ..data.images import center_crop_mask, image_tensor, make_grid, to_uint8
 from ..decode.backend import prepare
-from ..inference import generate
+from ..inference import SamplingSettings, generate
 from ..inference.image_editing import inpaint, outpaint
 from ..model.weights import load_generator
 from ..tokenizer.vqgan import load_any_tokenizer
@@ -83,8 +84,10 @@ def _save(images: torch.Tensor, prefix: str, nrow: int = 8) -> tuple[Image.Image
     return grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST), paths
 
 
-def generate_images(models: AppModels, choice, num, guidance_scale, guidance_scale_pow, temperature, seed):
-    """(grid, PNG paths, the reproducing Python call) for the Generate tab."""
+def generate_images(models: AppModels, choice, num, guidance_scale, guidance_scale_pow, temperature, seed,
+                    steps=None):
+    """(grid, PNG paths, the reproducing Python call) for the Generate tab; `steps` below the
+    number of tokens decodes in parallel (several tokens per network pass)."""
     c = _class_id(choice)
     if c is None:
         raise ValueError("choose a class to generate.")
@@ -92,6 +95,8 @@ def generate_images(models: AppModels, choice, num, guidance_scale, guidance_sca
     labels = [c] * num
     kw = dict(guidance_scale=float(guidance_scale), guidance_scale_pow=float(guidance_scale_pow),
               temperature=float(temperature), seed=seed)
+    if steps is not None and int(steps) < models.backend.config.num_tokens:
+        kw["steps"] = int(steps)
     tokens = generate(models.backend, torch.tensor(labels), progress=True, **kw)
     with torch.inference_mode():
         images = models.tokenizer.decode(tokens).float()
@@ -150,8 +155,9 @@ def editor_mask(value, region: str, resolution: int) -> torch.Tensor:
     return torch.from_numpy(np.asarray(center_crop_mask(Image.fromarray(strokes.astype(np.uint8) * 255), resolution)) > 127)
 
 
-def edit_images(models: AppModels, value, region, choice, mode, side, amount, method, num, seed):
+def edit_images(models: AppModels, value, region, choice, mode, side, amount, method, num, seed, steps=None):
     """(grid, PNG paths) for the Edit tab: one row per method when both are asked for."""
+    steps = None if steps is None or int(steps) >= models.backend.config.num_tokens else int(steps)
     res = models.tokenizer.config.resolution
     label, num, seed = _class_id(choice), int(num), int(seed)
     methods = {"kept-first": [True], "raster baseline": [False], "both": [True, False]}[method]
@@ -161,10 +167,11 @@ def edit_images(models: AppModels, value, region, choice, mode, side, amount, me
     for kept_first in methods:
         if mode == "inpaint":
             out = inpaint(models.backend, models.tokenizer, x, mask, label, num=num, seed=seed, kept_first=kept_first,
-                          progress=True)
+                          progress=True,
+                          settings=SamplingSettings(steps=steps))
         else:
             out = outpaint(models.backend, models.tokenizer, x, [(side, int(amount))], label, num=num, seed=seed,
-                           kept_first=kept_first, progress=True)
+                           kept_first=kept_first, progress=True, settings=SamplingSettings(steps=steps))
         rows.append(out["images"])
     return _save(torch.cat(rows), f"{mode}_seed{seed}", nrow=num)
 
@@ -180,6 +187,12 @@ def _guarded(fn):
         except (ValueError, OSError, FloatingPointError) as err:
             raise gr.Error(str(err)) from None
     return run
+
+
+def _steps_slider(gr, models: AppModels, elem_id: str):
+    T = models.backend.config.num_tokens
+    return gr.Slider(1, T, value=T, step=1, elem_id=elem_id,
+                     label=f"network passes ({T}: one per token; fewer: several tokens per pass)")
 
 
 def build_app(models: AppModels):
@@ -202,6 +215,7 @@ def build_app(models: AppModels):
                 t = gr.Number(d.temperature, label="temperature", elem_id="gen-temperature")
                 seed = gr.Number(0, precision=0, label="seed", elem_id="gen-seed")
                 dice = gr.Button("random seed", elem_id="gen-random-seed")
+            steps = _steps_slider(gr, models, "gen-steps")
             go = gr.Button("Generate", variant="primary", elem_id="gen-run")
             grid = gr.Image(label="result", type="pil", elem_id="gen-grid", height=280)
             files = gr.File(label="PNG files", file_count="multiple", elem_id="gen-files")
@@ -224,21 +238,23 @@ def build_app(models: AppModels):
                                       elem_id="edit-method")
                     enum = gr.Slider(1, 8, value=4, step=1, label="number of results")
                     eseed = gr.Number(0, precision=0, label="seed")
+                    esteps = _steps_slider(gr, models, "edit-steps")
             erun = gr.Button("Edit", variant="primary", elem_id="edit-run")
             egrid = gr.Image(label="results", type="pil", elem_id="edit-grid", height=280)
             efiles = gr.File(label="PNG files", file_count="multiple")
 
-        def run_generate(c, n, gs, gp, tt, sd, progress=gr.Progress(track_tqdm=True)):
-            out = generate_images(models, c, n, gs, gp, tt, sd)
+        def run_generate(c, n, gs, gp, tt, sd, st, progress=gr.Progress(track_tqdm=True)):
+            out = generate_images(models, c, n, gs, gp, tt, sd, st)
             return (*out, out[1])
 
-        go.click(_guarded(run_generate), [cls, num, g, p, t, seed], [grid, files, code, last])
+        go.click(_guarded(run_generate), [cls, num, g, p, t, seed, steps], [grid, files, code, last])
         dice.click(lambda: random.randrange(2**31), None, seed)
         take.click(_guarded(_first), last, editor)
 
-        def run_edit(v, r, c, m, sdd, a, meth, n, sd, progress=gr.Progress(track_tqdm=True)):
-            return edit_images(models, v, r, c, m, sdd, a, meth, n, sd)
-        erun.click(_guarded(run_edit), [editor, region, ecls, mode, side, amount, method, enum, eseed], [egrid, efiles])
+        def run_edit(v, r, c, m, sdd, a, meth, n, sd, st, progress=gr.Progress(track_tqdm=True)):
+            return edit_images(models, v, r, c, m, sdd, a, meth, n, sd, st)
+        inputs = [editor, region, ecls, mode, side, amount, method, enum, eseed, esteps]
+        erun.click(_guarded(run_edit), inputs, [egrid, efiles])
     return app.queue(default_concurrency_limit=1)  # one job at a time; the others wait in the queue
 
 

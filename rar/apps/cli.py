@@ -82,6 +82,10 @@ def _add_sampling_flags(p) -> None:
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--steps", type=int, default=None,
+                   help="network passes (parallel decoding: several tokens per pass); default one per token")
+    p.add_argument("--schedule", default=None,
+                   help="group sizes over the passes: cosine (default), arccos, linear or constant")
 
 
 def _add_refine_flags(p) -> None:
@@ -102,7 +106,8 @@ def _sampling_settings(args):
     """The sampling flags as a `SamplingSettings` (unset flags stay None: the preset's values)."""
     from ..inference.sampler import SamplingSettings
 
-    return SamplingSettings(args.guidance_scale, args.guidance_scale_pow, args.temperature, args.top_k, args.top_p)
+    return SamplingSettings(args.guidance_scale, args.guidance_scale_pow, args.temperature, args.top_k, args.top_p,
+                            steps=args.steps, schedule=args.schedule)
 
 
 def _add_sample(sub) -> None:
@@ -117,7 +122,8 @@ def _add_sample(sub) -> None:
     p.add_argument("--num-per-class", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     _add_sampling_flags(p)
-    p.add_argument("--order", default=None, help="scan order: raster, spiral_in, spiral_out, z_curve, subsample, alternate")
+    p.add_argument("--order", default=None, help="scan order: raster, spiral_in, spiral_out, z_curve, subsample, "
+                   "alternate, random (one per sample from the seed) or wavefront (for --steps)")
     _add_refine_flags(p)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="cpu")
@@ -147,6 +153,7 @@ def _add_sample_eval(sub) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--chunk-size", type=int, default=256)
     _add_sampling_flags(p)
+    p.add_argument("--order", default=None, help="scan order (as rar sample's), recorded in the file's settings")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     _add_refine_flags(p)
@@ -172,7 +179,8 @@ def _run_sample_eval(args) -> None:
     tokenizer = load_any_tokenizer(args.tokenizer).to(device).eval()
     res = sample_eval(model, tokenizer, args.out, num_per_class=args.num_per_class, num_classes=args.num_classes,
                       seed=args.seed, batch_size=args.batch_size, chunk_size=args.chunk_size, rank=rank,
-                      world_size=world, overwrite=args.overwrite, refine=refine, settings=_sampling_settings(args))
+                      world_size=world, overwrite=args.overwrite, refine=refine, settings=_sampling_settings(args),
+                      order=args.order)
     if dist.is_initialized():
         dist.barrier()
     if rank == 0 and not res.get("complete"):
@@ -199,7 +207,8 @@ def _add_edit_flags(p) -> None:
     p.add_argument("--raster-baseline", dest="kept_first", action="store_false",
                    help="teacher-force the known tokens in raster order (what any causal model can do) "
                         "instead of feeding them first")
-    p.add_argument("--order", default=None, help="order of the generated tokens: raster (default) or a scan order")
+    p.add_argument("--order", default=None, help="order of the generated tokens: raster (default), a scan order, "
+                   "random or wavefront")
     _add_sampling_flags(p)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])

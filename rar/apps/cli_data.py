@@ -67,7 +67,9 @@ def _add_tokenize(sub) -> None:
     p.add_argument("--tokenizer", required=True, help="official maskgit-vqgan-imagenet-f16-256.bin or a folder")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", help="image folder in the ImageNet layout (one subfolder per class)")
-    src.add_argument("--dataset", choices=["digits"], help="the built-in MNIST demo digits (train split)")
+    src.add_argument("--dataset", choices=["digits"], help="the built-in MNIST demo digits")
+    p.add_argument("--split", choices=["train", "test"], default="train",
+                   help="with --dataset digits: the train split (default) or the held-out one (e.g. for eval.heldout)")
     p.add_argument("--out", required=True, help="output folder of token shards")
     p.add_argument("--resolution", type=int, default=None, help="default: the tokenizer's")
     p.add_argument("--no-flip", action="store_true",
@@ -88,7 +90,7 @@ def _run_tokenize(args) -> None:
     options = TokenizeOptions(resolution=args.resolution, flip=False if args.no_flip else None, ten_crop=args.ten_crop,
                               batch_size=args.batch_size, shard_size=args.shard_size, rank=rank, world_size=world,
                               device=args.device, num_workers=args.num_workers, verbose=False)
-    report = tokenize(args.tokenizer, args.out, options, data=args.data, dataset=args.dataset)
+    report = tokenize(args.tokenizer, args.out, options, data=args.data, dataset=args.dataset, split=args.split)
     print(report.summary())
 
 

@@ -6,7 +6,9 @@ a plain YAML config under `configs/`:
     2. tokenize the train split             (rar tokenize --dataset digits --no-flip)
     3. train RAR with randomness annealing  (rar train configs/demo_rar.yaml)
     4. sample 100 per class with guidance   (rar sample / rar sample-eval)
-    5. evaluate with a digit classifier trained on the train split only
+    5. evaluate with a digit classifier trained on the train split only, the samples of step 4
+       and as many again decoded in parallel, T/4 network passes in random order (rar sample
+       --steps 16 --order random; benchmarks/parallel_digits.py has the full study)
     6. editing: complete held-out digits with parts missing, raster baseline against kept-first
        any-order decoding (rar inpaint; benchmarks/editing_digits.py has the full study)
 
@@ -33,11 +35,13 @@ from ..tokenizer.training import QUICK_OVERRIDES, TokenizerTrainConfig, train_to
 from ..tokenizer.vqgan import load_any_tokenizer
 from ..training.config import TrainConfig
 from ..training.loop import train
-from .editing_digits import class_edit, editing_figure, evaluate_editing
+from ..inference.sampler import generate
+from .editing_digits import class_edit, decode_uint8, editing_figure, evaluate_editing
 from .sample_npz import assemble_npz, sample_eval
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 QUICK_RAR = ["max_steps=300", "save_every=100"]
+PARALLEL_FRACTION, PARALLEL_ORDER = 4, "random"  # the parallel setting reported: T/4 passes (BENCHMARKS.md)
 
 
 def _stage(name: str, fn, timings: dict, *args, **kwargs):
@@ -79,6 +83,18 @@ def sample_stage(out: Path, per_class: int, progress: bool) -> np.ndarray:
     return images
 
 
+def parallel_samples(out: Path, per_class: int) -> tuple[np.ndarray, int]:
+    """The same samples' labels and seed decoded in T / PARALLEL_FRACTION passes: (images, passes)."""
+    backend = prepare(load_generator(out / "rar" / "generator"))
+    tokenizer = load_any_tokenizer(out / "tokenizer" / "tokenizer").eval()
+    steps = backend.config.num_tokens // PARALLEL_FRACTION
+    labels = torch.arange(10).repeat_interleave(per_class)
+    images = [decode_uint8(tokenizer, generate(backend, labels[i:i + 250], seed=0, steps=steps, order=PARALLEL_ORDER,
+                                               indices=range(i, min(i + 250, len(labels)))))
+              for i in range(0, len(labels), 250)]
+    return np.concatenate(images), steps
+
+
 def editing_stage(out: Path, data: dict, classifier, quick: bool, progress: bool) -> dict:
     """editing.png and the editing metrics: every task of `rar.apps.editing_digits`, both
     methods, with the true label and without, on the held-out digits (100 of them with --quick)."""
@@ -115,7 +131,15 @@ def run_demo(out_dir: str = "demo_out", quick: bool = False, progress: bool = Tr
     samples = _stage("4/6 sample", sample_stage, timings, out, per_class, progress)
     def evaluate():
         clf = train_digit_classifier(data, quick, progress)
-        return clf, evaluate_digit_samples(data, samples, np.repeat(np.arange(10), per_class), quick, progress, clf)
+        labels = np.repeat(np.arange(10), per_class)
+        ev = evaluate_digit_samples(data, samples, labels, quick, progress, clf)
+        images, steps = parallel_samples(out, per_class)
+        par = evaluate_digit_samples(data, images, labels, quick, progress, clf)
+        ev["parallel"] = {"steps": steps, "order": PARALLEL_ORDER, "sample_class_accuracy": par["sample_class_accuracy"],
+                          "fd_mnist_classifier_features": par["fd_mnist_classifier_features"],
+                          "fd_ratio_to_sequential": par["fd_mnist_classifier_features"]
+                          / max(ev["fd_mnist_classifier_features"], 1e-12)}
+        return clf, ev
     clf, ev = _stage("5/6 evaluate", evaluate, timings)
     editing = _stage("6/6 editing", editing_stage, timings, out, data, clf, quick, progress)
     for name in ("loss.png",):
@@ -138,9 +162,18 @@ def format_metrics(m: dict) -> str:
         f"conditional samples: class accuracy {100 * m['sample_class_accuracy']:.2f}% over {m['num_samples']} samples",
         f"FD in MNIST-classifier features (not FID): samples vs held-out {m['fd_mnist_classifier_features']:.3f}; "
         f"floor (held-out vs train) {m['fd_floor_heldout_vs_train']:.3f}; ratio {m['fd_ratio_to_floor']:.2f}x",
+        *_parallel_lines(m.get("parallel")),
         *_editing_lines(m.get("editing")),
         f"total {m['total_seconds']:.0f} s; stages {m['stage_seconds']}",
     ])
+
+
+def _parallel_lines(p: dict | None) -> list[str]:
+    if not p:
+        return []
+    return [f"parallel decoding ({p['steps']} network passes, {p['order']} order, same seed): class accuracy "
+            f"{100 * p['sample_class_accuracy']:.2f}%, FD {p['fd_mnist_classifier_features']:.3f} "
+            f"({p['fd_ratio_to_sequential']:.2f}x the sequential samples')"]
 
 
 def _editing_lines(e: dict | None) -> list[str]:

@@ -18,7 +18,7 @@ from ..data.images import center_crop_mask, image_tensor, load_rgb, make_grid, s
 from ..decode.backend import prepare
 from ..inference.editing import SCHEDULES
 from ..inference.image_editing import inpaint, outpaint, parse_extend
-from ..inference.sampler import SamplingSettings, generation_order
+from ..inference.sampler import SamplingSettings, check_plan
 from ..model.weights import load_generator
 from ..tokenizer.vqgan import load_any_tokenizer
 from .classes import class_names_of, parse_classes, read_class_names
@@ -72,8 +72,7 @@ def _load(generator, tokenizer, device, dtype):
 def _edit_options(model, settings: SamplingSettings | None, order, kept_first: bool, schedule_over: str) -> dict:
     """The editing options, checked before any file is written, as `inpaint`/`outpaint` keywords."""
     settings = settings or SamplingSettings()
-    settings.resolve(model.sampling)
-    generation_order(order, model, "cpu")
+    check_plan(model, settings, order)
     if schedule_over not in SCHEDULES:
         raise ValueError(f"schedule_over must be one of {SCHEDULES}, got {schedule_over!r}.")
     return dict(settings=settings, order=order, kept_first=kept_first, schedule_over=schedule_over)

@@ -14,7 +14,7 @@ from ..core.files import ensure_writable_dir
 from ..data.images import save_grid, save_images, to_uint8
 from ..decode.backend import DecodeBackend, prepare
 from ..inference.refinement import RefineSettings, apply_refine
-from ..inference.sampler import SamplingSettings, generate, generation_order
+from ..inference.sampler import SamplingSettings, check_plan, generate, generation_order
 from ..model.config import get_preset
 from ..model.weights import check_sizes, load_generator
 from ..tokenizer.vqgan import load_any_tokenizer
@@ -58,6 +58,7 @@ def sample_to_folder(generator_path, out_dir, *, classes: str = "0", class_names
         defaults = chosen.sampling
     order = generation_order(order, model, device)  # a bad order fails before any work
     settings = (settings or SamplingSettings()).resolve(defaults)  # bad values fail here
+    check_plan(model, settings, order)
     names = read_class_names(class_names) if class_names else class_names_of(generator_path, model.config.num_classes)
     ids = parse_classes(classes, model.config.num_classes, names)
     labels = torch.tensor(ids).repeat_interleave(num_per_class)  # (N,)

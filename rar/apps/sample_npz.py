@@ -31,11 +31,12 @@ from ..core.files import ensure_writable_dir
 from ..data.images import to_uint8
 from ..decode.backend import DecodeBackend
 from ..inference.refinement import RefineSettings
-from ..inference.sampler import SamplingSettings, as_backend, with_overrides
+from ..inference.sampler import SamplingSettings, as_backend, check_plan, with_overrides
 from ..tokenizer.vqgan import state_dict_sha256
 from .sample_files import sample_batches
 
 SETTINGS_KEY = "rar_settings"
+PARALLEL_KEYS = ("steps", "schedule")
 
 
 def chunk_path(out: Path, c: int) -> Path:
@@ -67,7 +68,8 @@ def eval_settings(model: DecodeBackend, tokenizer, *, num_classes: int, num_per_
             "tokenizer_sha256": state_dict_sha256(tokenizer), "seed": int(seed), "num_classes": int(num_classes),
             "num_per_class": int(num_per_class), "chunk_size": int(chunk_size),
             "order": None if order is None else (order if isinstance(order, str) else torch.as_tensor(order).tolist()),
-            **dataclasses.asdict(resolved),
+            # steps / schedule only when set, so that files of sequential decoding keep their settings
+            **{k: v for k, v in dataclasses.asdict(resolved).items() if resolved.steps is not None or k not in PARALLEL_KEYS},
             **({"refine": dataclasses.asdict(refine)} if refine is not None and refine.active else {})}
 
 
@@ -124,6 +126,7 @@ def sample_eval(model, tokenizer, out_npz, *, num_per_class: int = 50, num_class
     check_counts(num_per_class=num_per_class, chunk_size=chunk_size, batch_size=batch_size)
     total, n_chunks = num_classes * num_per_class, -(-num_classes * num_per_class // chunk_size)
     settings = with_overrides(settings, guidance_scale, guidance_scale_pow, temperature, top_k, top_p)
+    check_plan(model.model if isinstance(model, DecodeBackend) else model, settings, order)  # before any work
     backend = as_backend(model)  # prepared once, not per batch; it knows the dtype decoding runs in
     wanted = eval_settings(backend, tokenizer, num_classes=num_classes, num_per_class=num_per_class, seed=seed,
                            chunk_size=chunk_size, settings=settings, order=order, refine=refine)

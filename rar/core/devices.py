@@ -16,10 +16,23 @@ def resolve_device(name: str | None = "auto") -> torch.device:
         if not torch.cuda.is_available():
             raise ValueError("device 'cuda' was asked for, but torch sees no CUDA GPU; use device=cpu.")
         return torch.device("cuda", torch.cuda.current_device())
+    expected = "expected auto, cpu, cuda or cuda:N"
     try:
-        return torch.device(name)
-    except RuntimeError as err:
-        raise ValueError(f"device {name!r} is not a device torch knows (expected auto, cpu, cuda or cuda:N).") from err
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device {name!r} is not a device torch knows ({expected}).") from err
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"device {name!r} was asked for, but torch sees {count} CUDA GPU(s) ({expected}).")
+        return device
+    if device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"device {name!r} was asked for, but this torch build or machine has no MPS; use cpu.")
+        return device
+    if device.type != "cpu":
+        raise ValueError(f"device {name!r} cannot run rar ({expected}, or mps on a Mac).")
+    return device
 
 
 def rank_and_world_size(environ) -> tuple[int, int]:

@@ -13,8 +13,8 @@ works on a converted copy). What the backend holds:
 - the attention over the KV cache: the compiled `cpu.attention_kernel` in fp32 on CPU
   where it can be built, torch's kernels otherwise;
 - `description`, which says what runs and why.
-`decode_block` is one block's step for one new position per row; `rar.decode.cache` runs whole
-batches through it.
+`rar.decode.step.cached_step` is one block's step on these weights for any number of new rows;
+`rar.decode.cache` runs whole batches through it.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..model.transformer import RAR, BlockModulation, FoldedModulation, HeadModulation
+from ..model.transformer import RAR, BlockModulation, HeadModulation
 from .cpu import attention_kernel, linear_kernel
 from .cpu.capability import CPUCapability
 from .cpu.linear import DecodeLinear
@@ -193,28 +193,3 @@ def attention_kernel_for(head_dim: int, cap: CPUCapability, builds: KernelBuilds
     """The compiled kernel for this head size and CPU, or the reason there is none (a str)."""
     kernel = attention_kernel.load(head_dim, cap.compiler_flags(), builds)
     return kernel if kernel is not None else attention_kernel.unavailable_reason(head_dim, cap.compiler_flags(), builds)
-
-
-def decode_block(blk: DecodeBlock, x: torch.Tensor, mod: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor],
-                 pos: int, attention: Callable, starts: torch.Tensor | None = None) -> torch.Tensor:
-    """`Block.forward` for one new position per row, written for speed (fewer, fused ops; the cache
-    is written in place; 2-D rows so that no linear output needs a reshape): x (R, D), mod (R, 6D)
-    laid out as `FoldedModulation`; the new keys and values go to slot `pos` and attention reads
-    slots starts[r]..pos (0..pos without `starts`). Equal to the block up to fp32 rounding (tests
-    hold them together)."""
-    R, D = x.shape
-    H = blk.num_heads
-    Dh = D // H
-    m = FoldedModulation(*mod.chunk(6, dim=-1))
-    qkv = blk.qkv(torch.addcmul(m.c_msa, F.layer_norm(x, (D,), eps=blk.norm_eps), m.a_msa))  # (R, 3D)
-    qk = F.layer_norm(qkv[:, :2 * D].reshape(R, 2, H, Dh), (Dh,), eps=blk.qk_eps)  # q-norm and k-norm in one call
-    q, k = torch.addcmul(blk.qk_bias, qk, blk.qk_weight).unbind(1)  # (R, H, Dh) each
-    k_buf, v_buf = kv  # (R, H, S, Dh)
-    k_buf[:, :, pos] = k
-    v_buf[:, :, pos] = qkv[:, 2 * D:].view(R, H, Dh)
-    out = attention(q, k_buf[:, :, :pos + 1], v_buf[:, :, :pos + 1], starts)  # (R, D)
-    x = torch.addcmul(x, m.gate_msa, blk.proj(out))
-    h = torch.addcmul(m.c_mlp, F.layer_norm(x, (D,), eps=blk.norm_eps), m.a_mlp)
-    return torch.addcmul(x, m.gate_mlp, blk.fc2(blk.act(blk.fc1(h))))  # (R, D)
-
-

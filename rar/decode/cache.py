@@ -12,13 +12,16 @@ invariant over its keys, which is why the padding may sit anywhere as long as it
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
 from ..model.config import RARConfig
-from ..model.transformer import Block, BlockModulation, modulate
-from .backend import DecodeBackend, decode_block, single_query_attention
+from ..model.transformer import BlockModulation, FinalLayer, FoldedModulation, HeadModulation
+from .backend import DecodeBackend, single_query_attention
 from .cpu import attention_kernel
+from .step import PassRows, cached_step
 
 # Precomputed adaLN outputs held at once. 32 MiB is glibc's largest mmap threshold: a window that
 # fits is recycled from the heap instead of faulting in fresh pages (measured ~7% faster window
@@ -40,25 +43,6 @@ class KVCache:
 
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.keys[i], self.values[i]
-
-
-def prefill_block(blk: Block, x: torch.Tensor, mod: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor],
-                  mask: torch.Tensor | None, last_only: bool = False) -> torch.Tensor:
-    """`Block.forward` on slots 0..N-1 of every row at once, writing their keys and values into the
-    cache: x (R, N, D), mod (R or 1, N, 6D) as `BlockModulation`; mask (R, 1, N, N) True = may
-    attend, or None for plain causal attention. `last_only` returns the last slot only (R, 1, D):
-    after the last block only its keys and values of the other slots are needed."""
-    R, N, D = x.shape
-    m = BlockModulation.split(mod)
-    q, k, v = blk.attn.heads(modulate(blk.norm1(x), m.shift_msa, m.scale_msa))  # (R, H, N, Dh) each
-    kv[0][:, :, :N] = k
-    kv[1][:, :, :N] = v
-    if last_only:
-        q, x, m = q[:, :, -1:], x[:, -1:], BlockModulation(*(t[:, -1:] for t in m))
-        mask = torch.ones(1, 1, 1, N, dtype=torch.bool, device=x.device) if mask is None else mask[:, :, -1:]
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)  # (R, H, N, Dh)
-    x = x + m.gate_msa * blk.attn.proj(out.transpose(1, 2).reshape(R, x.shape[1], D))
-    return x + m.gate_mlp * blk.mlp(modulate(blk.norm2(x), m.shift_mlp, m.scale_mlp))
 
 
 def row_chunks(inverse: torch.Tensor, positions: int, width: int) -> list[tuple[int, int]]:
@@ -129,70 +113,139 @@ class CachedDecoder:
         D = self.cond.shape[-1]
         return list(mods.split([6 * D] * len(self.backend.blocks) + [2 * D], dim=-1))
 
-    def prefill(self, tokens: torch.Tensor | None = None, all_logits: bool = False) -> torch.Tensor:
+    def _window_rows(self, slots: torch.Tensor) -> Callable[[int, int], torch.Tensor]:
+        """For `slots` (N,) (consecutive but for repeats) a function (a, b) -> the folded adaLN
+        outputs [a, b) of every row at those slots, (R, N, b - a): one gather of just that part,
+        so that a pass never copies all layers' modulations for all its rows at once."""
+        lo, hi = int(slots.min()), int(slots.max()) + 1
+        if self.win_start is None or not (self.win_start <= lo and hi <= self.win_start + self.win_mods.shape[1]):
+            self.win_start, self.win_mods = lo, None
+            self.win_mods = self.backend.adaln(self.cond[:, lo:lo + max(self.window, hi - lo)])  # (U, W, F)
+        U, W, _ = self.win_mods.shape
+        index = (self.inverse[:, None] * W + (slots - self.win_start)[None]).flatten()  # (R * N,) rows of (U * W)
+        R, N = self.inverse.shape[0], slots.shape[0]
+        return lambda a, b: self.win_mods[..., a:b].reshape(U * W, b - a).index_select(0, index).view(R, N, b - a)
+
+    def prefill(self, tokens: torch.Tensor | None = None, all_logits: bool = False,
+                targets: torch.Tensor | None = None) -> torch.Tensor:
         """Feed [cls], [class] and each row's known tokens (from tokens (R, T), raster layout): the
         logits (R, V) predicting each row's first unknown token, or with `all_logits` those of every
-        slot (R, K_max + 2, V) (slot s of row r is its position s - offsets[r]; slot 0 is [cls])."""
+        slot (R, K_max + 2, V) (slot s of row r is its position s - offsets[r]; slot 0 is [cls]).
+        `targets` (R, Q) raster indices add Q query rows (parallel decoding's first pass): then the
+        logits are (R, 1 + Q, V), the first unknown token's and each target's."""
         R, T = self.orders.shape
-        if self.k_max == 0:  # one position at a time (causal, so the same as both at once)
+        K = self.k_max
+        if K > 0 and (tokens is None or tokens.shape != (R, T)):
+            raise ValueError(f"prefill needs the known tokens as an (R, T) = ({R}, {T}) tensor.")
+        if K == 0 and targets is None:  # one position at a time (causal, so the same as both at once)
             x = self.model.embed_prefix(self.rows, self.orders[:, 0])  # (R, 2, D)
             out = [self._forward(x[:, :1], 0), self._forward(x[:, 1:], 1)]
             return torch.stack(out, dim=1) if all_logits else out[1]
-        if tokens is None or tokens.shape != (R, T):
-            raise ValueError(f"prefill needs the known tokens as an (R, T) = ({R}, {T}) tensor.")
-        N, K = self.k_max + 2, self.k_max
-        seq = tokens.gather(1, self.orders[:, :K]).clamp(0, self.model.config.codebook_size - 1)  # (R, K)
-        x = torch.cat([self.model.embed_prefix(self.rows, self.orders[:, 0]),
-                       self.model.embed_tokens(seq, self.orders[:, :K], self.orders[:, 1:K + 1])], dim=1)  # (R, N, D)
-        slot = torch.arange(N, device=x.device)
-        pos = (slot - self.offsets[:, None]).clamp(min=0)  # (R, N): each row's position at each slot
-        x = x.gather(1, pos[..., None].expand(-1, -1, x.shape[-1]))  # (R, N, D) in slot layout
-        mask = None
-        if self.starts is not None:  # causal, own slots only (a padding slot sees itself: no empty rows)
-            own = slot[None, :] >= self.offsets[:, None]  # (R, N) keys
-            mask = (slot[None, :, None] >= slot[None, None, :]) & (own[:, None, :] | torch.eye(N, dtype=torch.bool,
-                                                                                                device=x.device))
-            mask = mask[:, None]  # (R, 1, N, N)
-        cfg = self.model.config
-        chunks = row_chunks(self.inverse, N, max(cfg.mlp_size, 6 * cfg.hidden_size))
-        out = [self._prefill_rows(x[a:b], None if mask is None else mask[a:b], a, b, all_logits) for a, b in chunks]
-        logits = torch.cat(out)  # (R, N or 1, V)
-        return logits if all_logits else logits[:, 0]
+        x = self.model.embed_prefix(self.rows, self.orders[:, 0])  # (R, 2, D)
+        last = None
+        if K > 0:
+            seq = tokens.gather(1, self.orders[:, :K]).clamp(0, self.model.config.codebook_size - 1)  # (R, K)
+            x = torch.cat([x, self.model.embed_tokens(seq, self.orders[:, :K], self.orders[:, 1:K + 1])], dim=1)
+            slot = torch.arange(K + 2, device=x.device)
+            pos = (slot - self.offsets[:, None]).clamp(min=0)  # (R, N): each row's position at each slot
+            x = x.gather(1, pos[..., None].expand(-1, -1, x.shape[-1]))  # (R, K + 2, D) in slot layout
+            last = (seq.gather(1, (self.kept - 1).clamp(min=0)[:, None]), self.orders.gather(1, (self.kept - 1).clamp(min=0)[:, None]))
+        if targets is not None:
+            x = torch.cat([x, self._queries(last, targets)], dim=1)
+        Q = 0 if targets is None else targets.shape[1]
+        logits = self._pass(x, 0, K + 2, Q, None if all_logits else 1 + Q, chunked=True)
+        return logits if all_logits or targets is not None else logits[:, 0]
 
-    def _prefill_rows(self, x: torch.Tensor, mask: torch.Tensor | None, a: int, b: int, all_logits: bool):
-        """Rows a..b-1 of the prefill through every block and the head: logits (b - a, N or 1, V)."""
-        N = x.shape[1]
+    def _queries(self, last: tuple[torch.Tensor, torch.Tensor] | None, targets: torch.Tensor) -> torch.Tensor:
+        """Query rows (R, Q, D): each row's last fed input (a token and its position, or [class]
+        where none is known) with the target-aware position of each of `targets` (R, Q)."""
+        cls = self.model.embed_class(self.rows, targets)  # (R, Q, D)
+        if last is None:
+            return cls
+        tok, here = (t.expand_as(targets) for t in last)  # (R, Q) each
+        x = self.model.embed_tokens(tok, here, targets)
+        return torch.where((self.kept > 0)[:, None, None], x, cls)
+
+    def extend(self, tokens: torch.Tensor, j: int, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """Commit generated tokens j .. j + C - 1 of every row, tokens (R, C), as a chain (each with the
+        target-aware position of the token after it in its order) and ask for `targets` (R, Q) raster
+        indices from the last of them: logits (R, 1 + Q, V), the next token's and each target's.
+        C = 1 without targets is `step`."""
+        R, T = self.orders.shape
+        C = tokens.shape[1]
+        i = (self.kept[:, None] + j + torch.arange(C, device=tokens.device)).clamp(max=T - 1)  # (R, C) order indices
+        here, nxt = self.orders.gather(1, i), self.orders.gather(1, (i + 1).clamp(max=T - 1))
+        x = self.model.embed_tokens(tokens, here, nxt)  # (R, C, D)
+        Q = 0 if targets is None else targets.shape[1]
+        if Q:
+            x = torch.cat([x, self.model.embed_tokens(tokens[:, -1:].expand(R, Q), here[:, -1:].expand(R, Q), targets)], 1)
+        slot = self.k_max + 2 + j
+        if C == 1 and Q == 0:
+            return self._forward(x, slot)[:, None]
+        return self._pass(x, slot, C, Q, 1 + Q, chunked=False)
+
+    def _pass(self, x: torch.Tensor, slot: int, chain: int, queries: int, outputs: int | None,
+              chunked: bool) -> torch.Tensor:
+        """x (R, N, D): a chain of `chain` rows at slots slot.. and `queries` query rows through every
+        block and the head: logits (R, outputs or N, V). `chunked` (the prefill): in row chunks,
+        each block's modulation computed on the spot; else from the adaLN window."""
+        R, N, D = x.shape
+        slots = torch.arange(slot, slot + N, device=x.device).clamp(max=slot + chain - 1)  # queries share the last
+        rows = PassRows(slot, chain, queries, self.starts)
+        if not chunked:
+            mods = self._window_rows(slots)  # (a, b) -> (R, N, b - a)
+            width = self.win_mods.shape[-1]
+            return self._blocks(x, rows, outputs, lambda i: mods(i * 6 * D, (i + 1) * 6 * D),
+                                lambda n: HeadModulation(*mods(width - 2 * D, width)[:, N - n:].chunk(2, dim=-1)), 0, R)
+        cfg = self.model.config
+        out = []
+        for a, b in row_chunks(self.inverse, N, max(cfg.mlp_size, 6 * cfg.hidden_size)):
+            out.append(self._blocks(x[a:b], rows.rows(a, b), outputs, *self._chunk_mods(a, b, slots), a, b))
+        return torch.cat(out)
+
+    def _chunk_mods(self, a: int, b: int, slots: torch.Tensor):
+        """For rows a..b-1 at `slots` (N,): functions i -> block i's folded modulation (chunks
+        (b - a, N, D)) and n -> the head's for the last n rows, each computed when asked for (a
+        prefill's modulations of all blocks at once would not fit)."""
+        N = slots.shape[0]
         keys, inverse = torch.unique(self.inverse[a:b], return_inverse=True)
-        cond = self.cond[keys, :N]  # (Uc, N, D)
-        # (Uc, ...) -> (b - a, ...): a view when the rows share one condition or are the keys in order
+        cond = self.cond[keys][:, slots]  # (Uc, N, D)
         if keys.numel() == 1:
-            rows = lambda t: t.expand(b - a, *t.shape[1:])  # noqa: E731
-        elif torch.equal(inverse, torch.arange(b - a, device=inverse.device)):
-            rows = lambda t: t  # noqa: E731
+            gather = lambda t: t.expand(b - a, *t.shape[1:])  # noqa: E731
         else:
-            rows = lambda t: t.index_select(0, inverse)  # noqa: E731
-        last = len(self.model.blocks) - 1
-        for i, blk in enumerate(self.model.blocks):
+            gather = lambda t: t.index_select(0, inverse)  # noqa: E731
+        blocks, head = self.model.blocks, self.model.adaln_before_head
+
+        def block_mod(i):
+            m = blocks[i].fold(BlockModulation.split(blocks[i].adaLN_modulation[-1](cond)))  # chunks (Uc, N, D)
+            return FoldedModulation(*(gather(c) for c in m))
+
+        def head_mod(n):
+            m = FinalLayer.fold(HeadModulation.split(head.adaLN_modulation[-1](cond[:, N - n:])))
+            return HeadModulation(*(gather(c) for c in m))
+        return block_mod, head_mod
+
+    def _blocks(self, x, rows: PassRows, outputs, block_mod, head_mod, a: int, b: int) -> torch.Tensor:
+        """Rows a..b-1 through the blocks (`block_mod(i)`: block i's modulation) and the head
+        (`head_mod(n)`: the head's for the last n rows): logits (b - a, n, V)."""
+        last = len(self.backend.blocks) - 1
+        for i, blk in enumerate(self.backend.blocks):
             kv = self.cache.keys[i][a:b], self.cache.values[i][a:b]
-            x = prefill_block(blk, x, rows(blk.adaLN_modulation[-1](cond)), kv, mask, last_only=i == last and not all_logits)
-        head = self.model.adaln_before_head
-        h = head(x, rows(head.adaLN_modulation[-1](cond[:, N - x.shape[1]:])))
-        return self.model.lm_head(h).float()  # (b - a, N or 1, V)
+            x = cached_step(blk, x, block_mod(i), kv, rows, self.attention, outputs=outputs if i == last else None)
+        m = head_mod(x.shape[1])
+        h = torch.addcmul(m.shift, F.layer_norm(x, (x.shape[-1],), eps=self.backend.head_eps), m.scale)
+        return self.backend.head(h).float()  # (b - a, n, V)
 
     def step(self, tokens: torch.Tensor, j: int) -> torch.Tensor:
         """Feed generated token j of every row, tokens (R,): logits (R, V) predicting the next."""
-        R, T = self.orders.shape
-        i = (self.kept + j).clamp(max=T - 1)[:, None]  # (R, 1) index in each row's order
-        here = self.orders.gather(1, i)
-        nxt = self.orders.gather(1, (i + 1).clamp(max=T - 1))
-        return self._forward(self.model.embed_tokens(tokens.view(R, 1), here, nxt), self.k_max + 2 + j)
+        return self.extend(tokens.view(-1, 1), j)[:, 0]
 
     def _forward(self, x: torch.Tensor, slot: int) -> torch.Tensor:
         """x (R, 1, D) at `slot` through every block and the head: logits (R, V)."""
         mods = self._step_mods(slot)
-        x = x[:, 0]  # (R, D)
+        step = PassRows(slot, 1, 0, self.starts)
         for i, blk in enumerate(self.backend.blocks):
-            x = decode_block(blk, x, mods[i], self.cache.layer(i), slot, self.attention, self.starts)
+            x = cached_step(blk, x, mods[i][:, None], self.cache.layer(i), step, self.attention)
         a, c = mods[-1].chunk(2, dim=-1)  # the head's folded (1 + scale, shift)
-        h = torch.addcmul(c, F.layer_norm(x, (x.shape[-1],), eps=self.backend.head_eps), a)
+        h = torch.addcmul(c, F.layer_norm(x[:, 0], (x.shape[-1],), eps=self.backend.head_eps), a)
         return self.backend.head(h).float()  # (R, V)

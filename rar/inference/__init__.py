@@ -4,8 +4,9 @@ package; `prepare` and the engine's types are re-exported from `rar.decode` for 
 from ..decode import CPUCapability, DecodeBackend, fold_adaln, prepare
 from .editing import edit
 from .likelihood import classify, log_likelihood
+from .draw import filter_logits
 from .refinement import RefineSettings, refine
-from .sampler import SamplingSettings, cached_logits, filter_logits, generate, guidance_schedule, resolve_settings
+from .sampler import SamplingSettings, cached_logits, generate, guidance_schedule, resolve_settings
 
 __all__ = ["CPUCapability", "DecodeBackend", "RefineSettings", "SamplingSettings", "cached_logits", "classify", "edit",
            "filter_logits", "fold_adaln", "generate", "guidance_schedule", "log_likelihood", "prepare", "refine",

@@ -23,7 +23,8 @@ from ..core.checks import check_indices, check_labels, check_tokens
 from ..core.seeds import resolve_seed
 from ..decode.backend import DecodeBackend
 from ..model.transformer import RAR
-from .sampler import SamplingSettings, as_backend, guidance_scales, generation_order, resolve_settings, run_decoder, sample_uniforms
+from .parallel import check_steps, row_groups, run_parallel
+from .sampler import SamplingSettings, as_backend, decode_orders, guidance_scales, resolve_settings, run_decoder, sample_uniforms
 
 SCHEDULES = ("generated", "sequence")
 
@@ -72,7 +73,8 @@ def edit(model: RAR | DecodeBackend, tokens, keep, labels, *, settings: Sampling
          order=None, kept_first: bool = True, schedule_over: str = "sequence", seed: int | None = None,
          generator: torch.Generator | None = None, indices=None, progress: bool = False, pack_weights: bool = True,
          guidance_scale: float | None = None, guidance_scale_pow: float | None = None,
-         temperature: float | None = None, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+         temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+         steps: int | None = None, schedule: str | None = None) -> torch.Tensor:
     """Regenerate the tokens not kept: tokens (B, T) raster layout, keep (B, T) bool (True = keep),
     labels (B,) (the null label `num_classes` = unconditional). Returns (B, T) with every kept
     token unchanged.
@@ -83,6 +85,9 @@ def edit(model: RAR | DecodeBackend, tokens, keep, labels, *, settings: Sampling
     `kept_first=False`, the raster baseline: decode in `order`, teacher-forcing kept tokens.
     Sampling settings, `seed`/`generator`/`indices` and `model` as in `rar.generate`: a sample
     depends only on (seed, index); none kept equals `generate` with the same order and seed.
+    `steps` < T decodes the unknown tokens in at most that many passes (`rar.inference.parallel`),
+    after the same one-pass prefill of the kept ones; rows that share their number of kept
+    tokens and group sizes decode as one batch.
     """
     if schedule_over not in SCHEDULES:
         raise ValueError(f"schedule_over must be one of {SCHEDULES}, got {schedule_over!r}.")
@@ -92,9 +97,12 @@ def edit(model: RAR | DecodeBackend, tokens, keep, labels, *, settings: Sampling
     B, T = tokens.shape
     if labels.shape[0] != B:
         raise ValueError(f"labels has {labels.shape[0]} entries for {B} rows of tokens; give one label per row.")
-    s = resolve_settings(backend.sampling, guidance_scale, guidance_scale_pow, temperature, top_k, top_p, settings)
-    orders = generation_order(order, backend, tokens.device, B).expand(B, T)
-    uniforms = sample_uniforms(resolve_seed(seed, generator), check_indices(indices, B), T, tokens.device)  # (B, T)
+    s = resolve_settings(backend.sampling, guidance_scale, guidance_scale_pow, temperature, top_k, top_p, settings,
+                         steps, schedule)
+    n_steps, _ = check_steps(s.steps or T, s.schedule, T)
+    seed, indices = resolve_seed(seed, generator), check_indices(indices, B)
+    orders, times = decode_orders(order, backend, tokens.device, B, seed, indices, n_steps)
+    uniforms = sample_uniforms(seed, indices, T, tokens.device)  # (B, T)
     out = tokens.clone()
     todo = (~keep).any(1).nonzero()[:, 0]  # rows with something to generate
     if todo.numel() == 0:
@@ -107,6 +115,12 @@ def edit(model: RAR | DecodeBackend, tokens, keep, labels, *, settings: Sampling
         kept, forced = None, keep.gather(1, orders)  # (B', T) in order space
     scales = edit_schedule(s.guidance_scale, s.guidance_scale_pow, torch.zeros_like(todo) if kept is None else kept,
                            forced, T, schedule_over)
-    out[todo] = run_decoder(backend, labels, orders, s, uniforms, scales.float(), kept=kept, tokens=tokens,
-                            forced=forced, progress=progress)
+    if n_steps == T:
+        out[todo] = run_decoder(backend, labels, orders, s, uniforms, scales.float(), kept=kept, tokens=tokens,
+                                forced=forced, progress=progress)
+        return out
+    known = torch.zeros_like(todo) if kept is None else kept
+    sizes = row_groups(orders, known, n_steps, s.schedule, times if s.schedule is None else None)
+    out[todo] = run_parallel(backend, labels, orders, s, uniforms, scales.float(), sizes, kept=kept, tokens=tokens,
+                             forced=forced, progress=progress)
     return out

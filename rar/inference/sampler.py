@@ -23,6 +23,9 @@ from ..decode.cache import CachedDecoder
 from ..model.config import SamplingDefaults
 from ..model.orders import is_permutation, named_order
 from ..model.transformer import RAR
+from .draw import draw
+from .parallel import STEP_ORDERS, check_steps, random_orders, row_groups, run_parallel, wavefront_order, \
+    wavefront_times
 
 
 def guidance_schedule(guidance_scale: float, power: float, num_steps: int) -> torch.Tensor:
@@ -38,30 +41,21 @@ def guidance_scales(guidance_scale: float, power: float, progress: torch.Tensor)
     return (guidance_scale - 1) * step + 1
 
 
-def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
-    """Keep the top-k logits and/or the smallest set whose probability reaches top_p; the rest -inf."""
-    if top_k is not None and 0 < top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[..., -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and 0 < top_p < 1:
-        sorted_logits, idx = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs > top_p  # mass before this token already reaches top_p
-        logits = logits.masked_fill(drop.scatter(-1, idx, drop), float("-inf"))
-    return logits
-
-
 def as_backend(model: RAR | DecodeBackend, packed: bool = True) -> DecodeBackend:
     """A prepared backend as it is; a model is prepared now, at the cost `generate` documents."""
     return model if isinstance(model, DecodeBackend) else prepare(model, packed=packed)
 
 
-def generation_order(order, model, device, batch_size: int | None = None) -> torch.Tensor:
+def generation_order(order, model, device, batch_size: int | None = None) -> torch.Tensor | str:
     """Raster indices in generation order from None (raster), a scan-order name, a permutation (T,)
-    or, with `batch_size`, one permutation per sample (B, T): (T,), or (B, T) when given so."""
+    or, with `batch_size`, one permutation per sample (B, T): (T,), or (B, T) when given so. The
+    names of orders made per call (`random`: one per sample from the seed; `wavefront`: from the
+    number of steps) come back as they are; `decode_orders` makes them."""
     T = model.config.num_tokens
     if order is None:
         return torch.arange(T, device=device)
+    if isinstance(order, str) and order in STEP_ORDERS:
+        return order
     if isinstance(order, str):
         order = named_order(order, model.config.grid_size)
     order = torch.as_tensor(order, device=device)
@@ -84,6 +78,8 @@ class SamplingSettings:
     temperature: float | None = None
     top_k: int | None = None
     top_p: float | None = None
+    steps: int | None = None  # network passes (parallel decoding); None = one per token
+    schedule: str | None = None  # group sizes over the passes (`rar.inference.parallel`); None = cosine
 
     @property
     def guided(self) -> bool:
@@ -100,24 +96,49 @@ class SamplingSettings:
         p = defaults.guidance_scale_pow if self.guidance_scale_pow is None else float(self.guidance_scale_pow)
         temp = defaults.temperature if self.temperature is None else float(self.temperature)
         check_sampling_values(g, p, temp, self.top_k, self.top_p)
+        steps, schedule = check_steps(1 if self.steps is None else self.steps, self.schedule)
+        steps = None if self.steps is None else steps
         return SamplingSettings(g, p, temp, None if self.top_k is None else int(self.top_k),
-                                None if self.top_p is None else float(self.top_p))
+                                None if self.top_p is None else float(self.top_p), steps, schedule)
 
 
 def resolve_settings(defaults: SamplingDefaults, guidance_scale=None, guidance_scale_pow=None, temperature=None,
-                     top_k=None, top_p=None, settings: SamplingSettings | None = None) -> SamplingSettings:
+                     top_k=None, top_p=None, settings: SamplingSettings | None = None, steps=None,
+                     schedule=None) -> SamplingSettings:
     """`settings` (default: all unset) with the loose keywords given applied, resolved against the
     model's `defaults` and checked."""
-    return with_overrides(settings, guidance_scale, guidance_scale_pow, temperature, top_k, top_p).resolve(defaults)
+    return with_overrides(settings, guidance_scale, guidance_scale_pow, temperature, top_k, top_p, steps,
+                          schedule).resolve(defaults)
 
 
 def with_overrides(settings: SamplingSettings | None, guidance_scale=None, guidance_scale_pow=None, temperature=None,
-                   top_k=None, top_p=None) -> SamplingSettings:
+                   top_k=None, top_p=None, steps=None, schedule=None) -> SamplingSettings:
     """`settings` (default: all unset) with the loose keywords that are given applied over it: the
     thin keyword layer of every sampling function."""
     return (settings or SamplingSettings()).overridden(
         guidance_scale=guidance_scale, guidance_scale_pow=guidance_scale_pow, temperature=temperature,
-        top_k=top_k, top_p=top_p)
+        top_k=top_k, top_p=top_p, steps=steps, schedule=schedule)
+
+
+def check_plan(model, settings: SamplingSettings | None, order) -> SamplingSettings:
+    """The resolved settings, with their steps and `order` checked against the model, before any
+    work: what the file front-ends call first."""
+    s = (settings or SamplingSettings()).resolve(model.sampling)
+    check_steps(s.steps or model.config.num_tokens, s.schedule, model.config.num_tokens)
+    generation_order(order, model, "cpu")
+    return s
+
+
+def decode_orders(order, model, device, batch_size: int, seed: int, indices, steps: int):
+    """(B, T) generation orders and, for `wavefront`, the pass at which each raster position is due
+    (T,) (else None): `random` draws one order per sample from (seed, index)."""
+    T = model.config.num_tokens
+    if order == "random":
+        return random_orders(seed, indices, T, device), None
+    if order == "wavefront":
+        return wavefront_order(model.config.grid_size, steps).to(device).expand(batch_size, T), \
+            wavefront_times(model.config.grid_size, steps).to(device)
+    return generation_order(order, model, device, batch_size).expand(batch_size, T), None
 
 
 def sample_uniforms(seed: int, indices, num_tokens: int, device) -> torch.Tensor:
@@ -131,27 +152,35 @@ def generate(model: RAR | DecodeBackend, labels, *, settings: SamplingSettings |
              seed: int | None = None, generator: torch.Generator | None = None, indices=None, order=None,
              progress: bool = False, pack_weights: bool = True, guidance_scale: float | None = None,
              guidance_scale_pow: float | None = None, temperature: float | None = None, top_k: int | None = None,
-             top_p: float | None = None) -> torch.Tensor:
+             top_p: float | None = None, steps: int | None = None, schedule: str | None = None) -> torch.Tensor:
     """Sample image tokens (B, T) in raster layout for class `labels` (B,).
 
     `model` is the `DecodeBackend` of `rar.prepare(model)`, or a `rar.RAR`, which is then prepared
     on every call (folding adaLN and laying out every weight: about a second for RAR-B on a 2-core
     CPU; prepare once when sampling several batches). `settings` (`SamplingSettings`; the loose
-    keywords guidance_scale ... top_p override its fields): unset values come from the model's
+    keywords guidance_scale ... schedule override its fields): unset values come from the model's
     preset. A guidance scale of 0 or 1 runs no unconditional rows. `order`: None (raster), a
-    scan-order name, a permutation (T,) or one per sample (B, T).
+    scan-order name, `random` (one order per sample from its seed), `wavefront`, a permutation
+    (T,) or one per sample (B, T). `steps` (default T): network passes; fewer decode several
+    tokens per pass in groups of sizes following `schedule` (`rar.inference.parallel`).
     Randomness: `seed` (or one integer drawn from `generator`) and each sample's index
     (`indices`, default 0..B-1) fix its tokens, whatever the batch. `pack_weights=False` decodes a
     model with its own linears and torch's attention (the reference path; slower on CPU).
     """
     backend = as_backend(model, packed=pack_weights)
     labels = check_labels(labels, backend.config.num_classes, backend.device)
-    s = resolve_settings(backend.sampling, guidance_scale, guidance_scale_pow, temperature, top_k, top_p, settings)
+    s = resolve_settings(backend.sampling, guidance_scale, guidance_scale_pow, temperature, top_k, top_p, settings,
+                         steps, schedule)
     B, T = labels.shape[0], backend.config.num_tokens
-    orders = generation_order(order, backend, labels.device, B).expand(B, T)
-    uniforms = sample_uniforms(resolve_seed(seed, generator), check_indices(indices, B), T, labels.device)  # (B, T)
+    n_steps, _ = check_steps(s.steps or T, s.schedule, T)
+    seed, indices = resolve_seed(seed, generator), check_indices(indices, B)
+    orders, times = decode_orders(order, backend, labels.device, B, seed, indices, n_steps)
+    uniforms = sample_uniforms(seed, indices, T, labels.device)  # (B, T)
     scales = guidance_schedule(s.guidance_scale, s.guidance_scale_pow, T).to(labels.device).expand(B, T)
-    return run_decoder(backend, labels, orders, s, uniforms, scales, progress=progress)
+    if n_steps == T:
+        return run_decoder(backend, labels, orders, s, uniforms, scales, progress=progress)
+    sizes = row_groups(orders, torch.zeros(B, dtype=torch.long), n_steps, s.schedule, times if s.schedule is None else None)
+    return run_parallel(backend, labels, orders, s, uniforms, scales, sizes, progress=progress)
 
 
 def run_decoder(backend: DecodeBackend, labels: torch.Tensor, orders: torch.Tensor, s: SamplingSettings,
@@ -181,7 +210,7 @@ def run_decoder(backend: DecodeBackend, labels: torch.Tensor, orders: torch.Tens
         if guided:
             cond, uncond = logits[:B], logits[B:]
             logits = uncond + (cond - uncond) * scales[:, j:j + 1]
-        tok = _draw(logits / s.temperature, s.top_k, s.top_p, uniforms[:, j])  # (B,)
+        tok = draw(logits / s.temperature, s.top_k, s.top_p, uniforms[:, j])  # (B,)
         index = kept + j  # (B,) each row's index in its order; past T - 1 the row is done
         where = orders.gather(1, index.clamp(max=T - 1)[:, None])  # (B, 1) raster positions
         if forced is not None:
@@ -194,16 +223,6 @@ def run_decoder(backend: DecodeBackend, labels: torch.Tensor, orders: torch.Tens
         raise FloatingPointError("the model produced non-finite logits (NaN or inf) while sampling, so the tokens "
                                  "would be meaningless; check that its weights are finite.")
     return out
-
-
-def _draw(logits: torch.Tensor, top_k: int | None, top_p: float | None, u: torch.Tensor) -> torch.Tensor:
-    """One token per row by inverse-CDF sampling with the row's own uniform u (B,)."""
-    if top_k == 1:
-        return logits.argmax(-1)
-    probs = filter_logits(logits, top_k, top_p).softmax(-1)  # (B, V)
-    cdf = probs.cumsum(-1)
-    tok = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(1)
-    return tok.clamp_max(logits.shape[-1] - 1)
 
 
 @torch.inference_mode()

@@ -308,9 +308,13 @@ class RAR(nn.Module):
         """Positions 0 ([cls]) and 1 ([class], which predicts the first token): (B,) -> (B, 2, D)."""
         B = labels.shape[0]
         cls = self.cls_token.expand(B, -1, -1) + self.pos_embed[:, :1]  # (B, 1, D)
-        cond = self.embeddings(labels + self.config.codebook_size + 1)[:, None] + self.pos_embed[:, 1:2]
-        cond = cond + _rows(self.target_aware_pos_embed[0], first_index)[:, None]  # (B, 1, D)
-        return torch.cat([cls, cond], dim=1)
+        return torch.cat([cls, self.embed_class(labels, first_index[:, None])], dim=1)
+
+    def embed_class(self, labels: torch.Tensor, target_index: torch.Tensor) -> torch.Tensor:
+        """The [class] input at position 1 with the target-aware position of each token it is asked
+        for: labels (B,), target_index (B, N) -> (B, N, D) (N > 1: the queries of parallel decoding)."""
+        cond = self.embeddings(labels + self.config.codebook_size + 1)[:, None] + self.pos_embed[:, 1:2]  # (B, 1, D)
+        return cond + _rows(self.target_aware_pos_embed[0], target_index)  # (B, N, D)
 
     def forward_hidden(self, x: torch.Tensor, mods: list, recompute: str = "selective") -> torch.Tensor:
         """Run the blocks and the final adaLN on a whole (causal) sequence: (B, N, D) -> (B, N, D).

@@ -317,23 +317,28 @@ def tokenize_dataset(tokenizer, images: np.ndarray, labels, out_dir, *, class_na
 
 
 def tokenize_digits(tokenizer, out_dir, *, seed: int = 0, n_train: int = 4500,
-                    options: TokenizeOptions | None = None) -> TokenizeReport:
-    """The demo's train split of MNIST digits (no flip view unless `options.flip` is True: digits
-    are not mirror-symmetric)."""
+                    options: TokenizeOptions | None = None, split: str = "train") -> TokenizeReport:
+    """The demo's train split of MNIST digits, or its held-out split with `split="test"` (no flip
+    view unless `options.flip` is True: digits are not mirror-symmetric)."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}.")
     options = dataclasses.replace(options or TokenizeOptions(num_workers=0), flip=options is not None and options.flip is True)
     data = load_mnist_digits(seed=seed, n_train=n_train)
-    return tokenize_dataset(tokenizer, data["train_images"], data["train_labels"], out_dir,
-                            class_names=data["class_names"], name=f"mnist_digits(seed={seed},n_train={n_train})",
-                            options=options)
+    suffix = "" if split == "train" else ",split=test"
+    return tokenize_dataset(tokenizer, data[f"{split}_images"], data[f"{split}_labels"], out_dir,
+                            class_names=data["class_names"],
+                            name=f"mnist_digits(seed={seed},n_train={n_train}{suffix})", options=options)
 
 
 def tokenize(tokenizer, out_dir, options: TokenizeOptions, *, data: Optional[str] = None,
-             dataset: Optional[str] = None) -> TokenizeReport:
-    """`rar tokenize`: exactly one of `data` (an image folder) or `dataset='digits'`."""
+             dataset: Optional[str] = None, split: str = "train") -> TokenizeReport:
+    """`rar tokenize`: exactly one of `data` (an image folder) or `dataset='digits'` (its `split`)."""
     if (data is None) == (dataset is None):
         raise ValueError("pass exactly one of data (an image folder) or dataset ('digits').")
     if dataset is not None:
         if dataset != "digits":
             raise ValueError(f"dataset must be 'digits', got {dataset!r}.")
-        return tokenize_digits(tokenizer, out_dir, options=options)
+        return tokenize_digits(tokenizer, out_dir, options=options, split=split)
+    if split != "train":
+        raise ValueError("split applies to dataset='digits' only; an image folder is tokenized whole.")
     return tokenize_folder(tokenizer, data, out_dir, options=options)

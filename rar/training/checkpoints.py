@@ -181,25 +181,39 @@ def latest_checkpoint(out: Path, rank: int, device=None) -> dict | None:
     return None
 
 
+def _aside(path: Path, stem: str, suffix: str = "") -> Path:
+    """A free name `stem`, `stem-1`, ... beside `path` for moving something aside."""
+    target, n = path.parent / f"{stem}{suffix}", 1
+    while target.exists():
+        target, n = path.parent / f"{stem}-{n}{suffix}", n + 1
+    return target
+
+
 def check_fresh_start(out: Path, rank: int, start_over: bool) -> None:
-    """Before step 0 in a folder that already holds a run: an error saying why it cannot resume,
-    unless `start_over`. Then rank 0 clears metrics.jsonl (two runs never mix in one log) and moves
-    the unusable checkpoints aside to `checkpoints-before-start-over*/` (nothing is deleted)."""
+    """Before step 0 in a folder that already holds a run. A run that logged steps but never wrote a
+    checkpoint (e.g. interrupted early) has nothing to resume: it starts over by itself, its
+    metrics.jsonl moved aside to `metrics-before-start-over*.jsonl`. A run whose checkpoints do not
+    load is an error saying why, unless `start_over`: then rank 0 clears metrics.jsonl (two runs
+    never mix in one log) and moves the checkpoints aside to `checkpoints-before-start-over*/`.
+    Nothing is deleted."""
     metrics, saved = out / "metrics.jsonl", sorted((out / "checkpoints").glob("step-*[0-9]"))
     logged = metrics.is_file() and metrics.stat().st_size > 0
     if not logged and not saved:
         return
+    if not saved:
+        if rank == 0:
+            aside = _aside(metrics, "metrics-before-start-over", ".jsonl")
+            metrics.rename(aside)
+            (out / "summary.json").unlink(missing_ok=True)
+            print(f"{out} logged steps but wrote no checkpoint, so there is nothing to resume: starting over "
+                  f"(its log is kept as {aside.name}).")
+        _barrier()
+        return
     if not start_over:
-        why = (f"none of its {len(saved)} checkpoints loads" if saved
-               else f"{metrics} has records but no checkpoint was written yet")
-        raise ValueError(f"{out} holds a run that cannot be resumed ({why}); set start_over=true to train "
-                         f"again from step 0 in it, or use another out_dir.")
+        raise ValueError(f"{out} holds a run that cannot be resumed (none of its {len(saved)} checkpoints loads); "
+                         f"set start_over=true to train again from step 0 in it, or use another out_dir.")
     if rank == 0:
         metrics.write_text("")
         (out / "summary.json").unlink(missing_ok=True)
-        if saved:
-            aside, n = out / "checkpoints-before-start-over", 1
-            while aside.exists():
-                aside, n = out / f"checkpoints-before-start-over-{n}", n + 1
-            (out / "checkpoints").rename(aside)
+        (out / "checkpoints").rename(_aside(out / "checkpoints", "checkpoints-before-start-over"))
     _barrier()

@@ -68,6 +68,22 @@ class DataSection:
 
 
 @dataclass
+class EvalSection:
+    """Evaluation during training (`rar.training.evaluation`), written to eval.jsonl; off unless `every` > 0."""
+    every: int = 0  # evaluate every this many steps and at the last step (0: never)
+    heldout: str = ""  # token shards of held-out images (rar tokenize): bits per token in the run's order
+    samples: int = 0  # this many samples (the digits in turn): FD in the demo's classifier features, class accuracy
+    seed: int = 0  # of those samples: the same ones at every evaluation
+
+    def __post_init__(self) -> None:
+        for name in ("every", "samples", "seed"):
+            _require(isinstance(getattr(self, name), int) and getattr(self, name) >= 0, f"eval.{name}",
+                     getattr(self, name), "an integer >= 0")
+        _require(self.every == 0 or bool(self.heldout) or self.samples > 0, "eval.every", self.every,
+                 "0 unless eval.heldout or eval.samples says what to evaluate")
+
+
+@dataclass
 class OptimSection:
     lr: float = 4e-4
     beta1: float = 0.9
@@ -119,12 +135,13 @@ class TrainConfig:
     num_threads: Optional[int] = None
     tensorboard: bool = True
     progress: bool = True
-    # An out_dir holding a run that cannot be resumed (no checkpoint loads, or logged steps but no
-    # checkpoint yet) is an error, unless start_over: then its metrics.jsonl is cleared and training starts at 0.
+    # An out_dir holding a run whose checkpoints do not load is an error, unless start_over: then its
+    # metrics.jsonl is cleared and training starts at 0. (Logged steps but no checkpoint: it starts over by itself.)
     start_over: bool = False
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     optim: OptimSection = field(default_factory=OptimSection)
+    eval: EvalSection = field(default_factory=EvalSection)
 
     def steps_of(self, value: float) -> int:
         """A schedule point given as a step or as a fraction (<= 1) of max_steps."""
@@ -169,7 +186,7 @@ def _is_device(name: str) -> bool:
 # Keys that may change when a run is resumed (the rest must match the saved config).
 RESUMABLE_CHANGES = {"max_steps", "save_every", "keep_last", "log_every", "sample_every", "progress",
                      "tensorboard", "device", "compile", "sample_classes", "checkpointing", "start_over",
-                     "num_threads"}
+                     "num_threads", "eval"}
 
 
 def model_preset(cfg: TrainConfig, num_tokens: int, codebook_size: int, num_classes: int) -> Preset:

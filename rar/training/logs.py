@@ -26,9 +26,10 @@ def read_metrics(path: Path) -> list[dict]:
     return records
 
 
-def truncate_metrics(out: Path, step: int) -> None:
-    """Drop records logged after the checkpoint we resume from, so the log reads as one run."""
-    path = out / "metrics.jsonl"
+def truncate_metrics(out: Path, step: int, name: str = "metrics.jsonl") -> None:
+    """Drop records logged after the checkpoint we resume from, so the log (metrics.jsonl, or
+    `name`, e.g. eval.jsonl) reads as one run."""
+    path = out / name
     if path.is_file():
         records = read_metrics(path)
         keep = [r for r in records if r["step"] <= step]
@@ -99,3 +100,9 @@ class Logger:
             if self.tb is not None:
                 self.tb.close()
         return time.perf_counter() - self.t0
+
+
+def append_record(out: Path, rec: dict, name: str = "eval.jsonl") -> None:
+    """One JSON record at the end of out/`name` (rank 0 writes; an evaluation record per call)."""
+    with open(out / name, "a") as f:
+        f.write(json.dumps(rec) + "\n")

@@ -29,6 +29,7 @@ from ..model.weights import save_generator
 from . import checkpoints, logs, plots
 from .config import OptimSection, TrainConfig, model_preset
 from ..core.threads import ThreadGovernor
+from .evaluation import RunEvaluator
 
 
 def compute_loss(model, tokens: torch.Tensor, labels: torch.Tensor, orders: torch.Tensor,
@@ -127,6 +128,7 @@ class Trainer:
         checkpoints.set_rng_state(state.get("rng"))
         if self.rank == 0:
             logs.truncate_metrics(self.out, self.step)
+            logs.truncate_metrics(self.out, self.step, "eval.jsonl")
 
     def wrap(self) -> None:
         """Ready the model for training steps: DDP, torch.compile, and on CPU an allocator that
@@ -198,9 +200,11 @@ def _run(cfg: TrainConfig, tr: Trainer, on_step) -> dict:
     checkpoints.write_config(cfg, tr.out, tr.rank)
     tr.wrap()
     logger = logs.Logger(cfg, tr.out, tr.rank, start=tr.step)
+    tokenizer = cfg.data.tokenizer or tr.data.tokenizer
+    evaluator = RunEvaluator(cfg, tr.out, tokenizer) if cfg.eval.every and tr.rank == 0 else None
     threads = torch.get_num_threads()
     try:
-        _train_steps(cfg, tr, logger, on_step)
+        _train_steps(cfg, tr, logger, on_step, evaluator)
     finally:
         torch.set_num_threads(threads)
     summary = logs.summarize(tr.out, tr.step, logger.close())
@@ -215,8 +219,8 @@ def _run(cfg: TrainConfig, tr: Trainer, on_step) -> dict:
     return summary
 
 
-def _train_steps(cfg: TrainConfig, tr: Trainer, logger, on_step) -> None:
-    """The steps from tr.step to max_steps: log, save, sample; CPU threads fixed or governed."""
+def _train_steps(cfg: TrainConfig, tr: Trainer, logger, on_step, evaluator=None) -> None:
+    """The steps from tr.step to max_steps: log, evaluate, save, sample; CPU threads fixed or governed."""
     governor = None
     if cfg.num_threads is not None:
         torch.set_num_threads(cfg.num_threads)
@@ -235,6 +239,8 @@ def _train_steps(cfg: TrainConfig, tr: Trainer, logger, on_step) -> None:
             last_t, last_step = now, tr.step
             logger.log(rec)
         logger.progress(rec)
+        if evaluator is not None and (tr.step % cfg.eval.every == 0 or tr.step == cfg.max_steps):
+            logs.append_record(tr.out, evaluator(tr.raw, tr.step))  # before the checkpoint: a resume redoes it
         if tr.step % cfg.save_every == 0 or tr.step == cfg.max_steps:
             checkpoints.save_checkpoint(tr.out, tr.step, tr.rank, tr.world, tr.raw, tr.opt, rec, cfg.keep_last)
         if cfg.sample_every and tr.step % cfg.sample_every == 0:

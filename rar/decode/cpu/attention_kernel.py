@@ -16,6 +16,7 @@ import torch
 from . import toolchain
 
 MAX_LENGTH = 16384  # cached positions per call: the kernel keeps one pair's scores on its thread's stack
+MAX_SCORES = 65536  # queries x positions of one multi-query call (its scores are on the stack too)
 
 class SingleQueryAttention:
     """softmax(q k^T / sqrt(Dh)) v for one query per (row, head): q (R, H, Dh) with a contiguous last
@@ -23,8 +24,30 @@ class SingleQueryAttention:
     layer are; returns (R, H * Dh). `starts` (R,) int64, if given, is each row's first cached position
     to attend to (0 <= start < L). Uses torch's intra-op threads (`torch.get_num_threads()`)."""
 
-    def __init__(self, fn, head_dim: int, flags: tuple[str, ...] = ()):
-        self._fn, self.head_dim, self.flags = fn, head_dim, tuple(flags)
+    def __init__(self, fn, head_dim: int, flags: tuple[str, ...] = (), multi_fn=None):
+        self._fn, self.head_dim, self.flags, self._multi = fn, head_dim, tuple(flags), multi_fn
+
+    def multi(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ends: torch.Tensor,
+              own: torch.Tensor) -> torch.Tensor:
+        """Several queries per row: q (R, N, H, Dh) with a contiguous last dimension, k and v cache
+        slices (R, H, L, Dh); query n attends to positions l < ends[n] and to own[n] (>= 0) as well:
+        (R, N, H * Dh). The caller keeps N * L <= MAX_SCORES."""
+        R, H, L, Dh = k.shape
+        N = q.shape[1]
+        ok = (q.dtype == k.dtype == v.dtype == torch.float32 and Dh == self.head_dim and q.shape == (R, N, H, Dh)
+              and q.stride(-1) == 1 and k.stride()[2:] == v.stride()[2:] == (Dh, 1) and 0 < N * L <= MAX_SCORES
+              and ends.shape == own.shape == (N,))
+        if not ok or self._multi is None:
+            raise ValueError(f"multi_query_attention expects fp32 CPU q (R, N, H, {self.head_dim}) and cache slices "
+                             f"(R, H, L, {self.head_dim}) with N * L <= {MAX_SCORES}, got {tuple(q.shape)} and "
+                             f"{tuple(k.shape)}.")
+        ends, own = ends.to(torch.int64).contiguous(), own.to(torch.int64).contiguous()
+        out = torch.empty(R, N, H * Dh, dtype=torch.float32, device="cpu")
+        strides = (ctypes.c_int64 * 7)(*q.stride()[:3], *k.stride()[:2], *v.stride()[:2])
+        self._multi(q.data_ptr(), strides, k.data_ptr(), ctypes.byref(strides, 24), v.data_ptr(),
+                    ctypes.byref(strides, 40), None, ends.data_ptr(), own.data_ptr(), out.data_ptr(),
+                    R, H, N, L, Dh ** -0.5, torch.get_num_threads())
+        return out
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  starts: torch.Tensor | None = None) -> torch.Tensor:
@@ -52,10 +75,12 @@ def build(head_dim: int, flags) -> SingleQueryAttention:
     """Compile and load the kernel for `head_dim` with the instruction-set `flags`
     (`CPUCapability.compiler_flags()`); RuntimeError saying why where it cannot be used."""
     flags = tuple(flags)
-    fn = toolchain.build_library("single_query_attention.c", flags, {"HEAD_DIM": head_dim}).single_query_attention
-    fn.restype = None
+    lib = toolchain.build_library("single_query_attention.c", flags, {"HEAD_DIM": head_dim})
+    fn, multi = lib.single_query_attention, lib.multi_query_attention
+    fn.restype = multi.restype = None
     fn.argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_int64] * 3 + [ctypes.c_float, ctypes.c_int]
-    return SingleQueryAttention(fn, head_dim, flags)
+    multi.argtypes = [ctypes.c_void_p] * 10 + [ctypes.c_int64] * 4 + [ctypes.c_float, ctypes.c_int]
+    return SingleQueryAttention(fn, head_dim, flags, multi)
 
 
 def load(head_dim: int, flags, builds: toolchain.KernelBuilds = toolchain.PROCESS_BUILDS) -> SingleQueryAttention | None:

@@ -82,3 +82,61 @@ void single_query_attention(const float *q, const int64_t *q_strides, const floa
     for (int64_t d = 0; d < HEAD_DIM; d++) out[pair * HEAD_DIM + d] = acc[d] * inv;
   }
 }
+
+/* Several queries per (row, head) against the same cache, each with its own keys: query n of row
+ * r attends to the positions starts[r] <= l < ends[n], and to position own[n] as well when
+ * own[n] >= 0 (a query row of parallel decoding sees the cache and the chain but the chain's last
+ * row, whose place it takes, plus its own key, stored after the chain). Every key and value is read
+ * once per (row, head) for all the queries (rar.decode.step). q of (r, n, h) at
+ * q + r * q_strides[0] + n * q_strides[1] + h * q_strides[2]; out (rows, nq, heads, HEAD_DIM)
+ * contiguous; nq * length is at most rar.decode.cpu.attention_kernel.MAX_SCORES (scores on the stack). */
+void multi_query_attention(const float *q, const int64_t *q_strides, const float *k,
+                           const int64_t *k_strides, const float *v, const int64_t *v_strides,
+                           const int64_t *starts, const int64_t *ends, const int64_t *own, float *out,
+                           int64_t rows, int64_t heads, int64_t nq, int64_t length, float scale,
+                           int num_threads) {
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+  for (int64_t pair = 0; pair < rows * heads; pair++) {
+    int64_t r = pair / heads, h = pair % heads;
+    int64_t first = starts ? starts[r] : 0;
+    const float *kp = k + r * k_strides[0] + h * k_strides[1];
+    const float *vp = v + r * v_strides[0] + h * v_strides[1];
+    float s[nq * length], acc[nq * HEAD_DIM], qs[nq * HEAD_DIM];
+    for (int64_t n = 0; n < nq; n++) {
+      const float *qp = q + r * q_strides[0] + n * q_strides[1] + h * q_strides[2];
+      for (int64_t d = 0; d < HEAD_DIM; d++) qs[n * HEAD_DIM + d] = qp[d] * scale;
+    }
+    for (int64_t l = first; l < length; l++) { /* scores: one pass over the keys for every query */
+      const float *kl = kp + l * HEAD_DIM;
+      for (int64_t n = 0; n < nq; n++) {
+        float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t d = 0; d < HEAD_DIM; d++) dot += qs[n * HEAD_DIM + d] * kl[d];
+        s[n * length + l] = (l < ends[n] || l == own[n]) ? dot : -3.402823466e38f;
+      }
+    }
+    for (int64_t n = 0; n < nq; n++) { /* softmax per query; a masked score becomes exactly 0 */
+      float *sn = s + n * length, max = -3.402823466e38f, sum = 0.f;
+      for (int64_t l = first; l < length; l++) max = sn[l] > max ? sn[l] : max;
+      for (int64_t l = first; l < length; l++) {
+        float e = sn[l] <= -3.402823466e38f ? 0.f : exp_nonpositive(sn[l] - max);
+        sn[l] = e;
+        sum += e;
+      }
+      float inv = 1.f / sum;
+      for (int64_t l = first; l < length; l++) sn[l] *= inv;
+    }
+    memset(acc, 0, sizeof acc);
+    for (int64_t l = first; l < length; l++) { /* weighted sums: one pass over the values */
+      const float *vl = vp + l * HEAD_DIM;
+      for (int64_t n = 0; n < nq; n++) {
+        float w = s[n * length + l];
+        if (w == 0.f) continue;
+#pragma omp simd
+        for (int64_t d = 0; d < HEAD_DIM; d++) acc[n * HEAD_DIM + d] += w * vl[d];
+      }
+    }
+    for (int64_t n = 0; n < nq; n++)
+      memcpy(out + ((r * nq + n) * heads + h) * HEAD_DIM, acc + n * HEAD_DIM, sizeof(float) * HEAD_DIM);
+  }
+}

@@ -1,0 +1,111 @@
+"""Evaluation during training (config section `eval`, off by default): every `eval.every` steps,
+before that step's checkpoint, the held-out bits per token in the run's order and, for the
+digits, the FD (the demo's classifier features, against the held-out digits) and class accuracy
+of a few hundred samples. Records go to `eval.jsonl` (one per evaluation, truncated on resume
+like metrics.jsonl), so that a convergence curve needs no special script (ABLATION.md).
+
+Nothing here touches the training's random streams: the samples come from their own seeded
+generators and the whole evaluation runs under `torch.random.fork_rng`, so a run with
+evaluation logs exactly the losses of one without.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..data.batches import load_token_shards
+from ..data.images import to_uint8
+from ..data.mnist import load_mnist_digits
+from ..inference.sampler import generate
+from ..metrics.digits import DigitClassifier, predict_digits, train_classifier
+from ..metrics.fidelity import feature_statistics, frechet_distance
+from ..model.orders import named_order
+from ..tokenizer.vqgan import load_any_tokenizer
+
+CLASSIFIER_FILE = "eval-classifier.pt"  # trained once per run, so that every evaluation uses the same one
+
+
+@torch.no_grad()
+def heldout_bits_per_token(model, tokens: torch.Tensor, labels: torch.Tensor, order: str = "raster",
+                           batch_size: int = 250) -> float:
+    """Mean cross-entropy in bits per token of held-out tokens (N, T) with their labels (N,), every
+    sequence in the scan order `order`, the model in eval mode (no dropout)."""
+    T = tokens.shape[1]
+    base = torch.arange(T) if order == "raster" else named_order(order, math.isqrt(T))
+    device = next(model.parameters()).device
+    total, was_training = 0.0, model.training
+    model.eval()
+    try:
+        for i in range(0, len(tokens), batch_size):
+            tok, lab = tokens[i:i + batch_size].to(device), labels[i:i + batch_size].to(device)
+            orders = base.to(device).expand(len(tok), T)
+            logits = model(tok, lab, orders)  # (b, T, V)
+            total += F.cross_entropy(logits.flatten(0, 1).float(), tok.gather(1, orders).flatten(),
+                                     reduction="sum").item()
+    finally:
+        model.train(was_training)
+    return total / (tokens.numel() * math.log(2))
+
+
+class RunEvaluator:
+    """The `eval` section of a run, ready to call: held-out tokens loaded once, the digit
+    classifier trained once (or loaded from the run folder) and the reference features."""
+
+    def __init__(self, cfg, out: Path, tokenizer: str | None):
+        self.cfg, self.order = cfg.eval, cfg.order
+        self.tokens = self.labels = None
+        if self.cfg.heldout:
+            data = load_token_shards(self.cfg.heldout)
+            self.tokens = torch.as_tensor(np.array(data.tokens[:, 0]), dtype=torch.long)  # (N, T): the plain view
+            self.labels = torch.as_tensor(data.labels, dtype=torch.long)
+        self.digits = None
+        if self.cfg.samples:
+            if not tokenizer:
+                raise ValueError("eval.samples needs the tokenizer that made the tokens (data.tokenizer) to decode "
+                                 "the samples; set it or set eval.samples=0.")
+            self.tokenizer = load_any_tokenizer(tokenizer).eval()
+            self.digits = self._digit_reference(out / CLASSIFIER_FILE)
+
+    def _digit_reference(self, path: Path) -> dict:
+        """The classifier (trained on the demo's train split, saved beside the run) and the features
+        of the held-out digits."""
+        data = load_mnist_digits(seed=0, n_train=4500)
+        clf = DigitClassifier()
+        if path.is_file():
+            clf.load_state_dict(torch.load(path, weights_only=True))
+        else:
+            clf = train_classifier(data["train_images"], data["train_labels"], epochs=4, progress=False)
+            torch.save(clf.state_dict(), path)
+        _, held = predict_digits(clf.eval(), data["test_images"])
+        return {"classifier": clf.eval(), "heldout_features": held}
+
+    def __call__(self, model, step: int) -> dict:
+        """The record of `step`: {"step", "heldout_bits_per_token"?, "sample_fd"?, "sample_class_accuracy"?}."""
+        rec = {"step": step}
+        with torch.random.fork_rng(devices=[]):
+            if self.tokens is not None:
+                rec["heldout_bits_per_token"] = heldout_bits_per_token(model, self.tokens, self.labels, self.order)
+            if self.digits is not None:
+                rec.update(self._sample_metrics(model))
+        return rec
+
+    def _sample_metrics(self, model) -> dict:
+        n = self.cfg.samples
+        labels = torch.arange(n) % 10  # the ten digits in turn
+        was_training = model.training
+        model.eval()
+        try:
+            order = None if self.order == "raster" else self.order
+            tokens = torch.cat([generate(model, labels[i:i + 250], seed=self.cfg.seed, order=order,
+                                         indices=range(i, min(i + 250, n))) for i in range(0, n, 250)])
+        finally:
+            model.train(was_training)
+        with torch.inference_mode():
+            images = to_uint8(self.tokenizer.decode(tokens.cpu()).float())  # (n, H, W, 3)
+        pred, feats = predict_digits(self.digits["classifier"], images)
+        fd = frechet_distance(*feature_statistics(feats), *feature_statistics(self.digits["heldout_features"]))
+        return {"sample_fd": float(fd), "sample_class_accuracy": float((pred == labels.numpy()).mean())}
