@@ -269,9 +269,11 @@ def test_train_resume_never_mixes_runs_and_a_finished_run_is_left_alone(files, t
     fresh = tmp_path / "fresh"
     (fresh).mkdir()
     (fresh / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')  # logged, but no checkpoint (Ctrl-C early)
+    (fresh / "eval.jsonl").write_text('{"step": 1}\n')
     assert run_cli([*argv[:-2], f"out_dir={fresh}", "max_steps=2"], capsys)[0] == 0  # nothing to resume: starts over
     assert [r["step"] for r in read_metrics(fresh / "metrics.jsonl")] == [1, 2]
     assert (fresh / "metrics-before-start-over.jsonl").read_text() == '{"step": 1, "loss": 1.0}\n'  # kept aside
+    assert (fresh / "eval-before-start-over.jsonl").is_file() and not (fresh / "eval.jsonl").exists()
     OUTCOMES["train resume"] = "clear"
 
 

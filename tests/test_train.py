@@ -326,10 +326,16 @@ def test_eval_logs_heldout_bits_at_its_steps_equal_to_a_direct_computation(tmp_p
     from rar.data.batches import load_token_shards
     from rar.training.evaluation import heldout_bits_per_token
 
-    shards, _ = _heldout_shards(tmp_path)
-    train(small_config(tmp_path / "plain"))
+    from rar.metrics.digits import DigitClassifier
+    from rar.training.evaluation import CLASSIFIER_FILE
+
+    shards, tok = _heldout_shards(tmp_path)
+    train(small_config(tmp_path / "plain", "model.dropout=0.1"))
     assert not (tmp_path / "plain" / "eval.jsonl").exists()  # off by default
-    train(small_config(tmp_path / "run", "eval.every=5", f"eval.heldout={shards}"))
+    (tmp_path / "run").mkdir()
+    torch.save(DigitClassifier().state_dict(), tmp_path / "run" / CLASSIFIER_FILE)  # saves training one here
+    train(small_config(tmp_path / "run", "model.dropout=0.1", "eval.every=5", f"eval.heldout={shards}",
+                       "eval.samples=10", f"data.tokenizer={tok}"))
     recs = [json.loads(line) for line in (tmp_path / "run" / "eval.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs] == [5, 10, 12]  # every 5 steps and the last
     data = load_token_shards(str(shards))
@@ -338,7 +344,8 @@ def test_eval_logs_heldout_bits_at_its_steps_equal_to_a_direct_computation(tmp_p
                                     torch.as_tensor(data.labels))
     assert recs[-1]["heldout_bits_per_token"] == pytest.approx(direct, rel=1e-6)
     assert recs[0]["heldout_bits_per_token"] > recs[-1]["heldout_bits_per_token"] > 0
-    # the evaluation leaves the training's random streams alone: the same losses as without it
+    # the evaluation (its tokenizer and classifier built, samples drawn) leaves the training's random
+    # streams alone: the same losses, dropout included, as without it
     assert [r["loss"] for r in read_metrics(tmp_path / "run")] == [r["loss"] for r in read_metrics(tmp_path / "plain")]
     for bad, key in (("eval.every=-1", "eval.every"), ("eval.every=4", "eval.every"), ("eval.samples=-2", "eval.samples")):
         with pytest.raises(ValueError, match=key):

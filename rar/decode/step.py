@@ -116,7 +116,8 @@ def _rows_attention(q, k, v, kv, rows: PassRows, attention, n: int) -> torch.Ten
     v_buf[:, :, slot:slot + stored] = v[:, :stored].transpose(1, 2)
     keys, values = k_buf[:, :, :slot + stored], v_buf[:, :, :slot + stored]  # (R, H, L, Dh)
     multi = getattr(attention, "multi", None)
-    if multi is not None and stored == N and rows.starts is None and N * (slot + N) <= attention_kernel.MAX_SCORES:
+    if (multi is not None and stored == N and rows.starts is None and N <= attention_kernel.MAX_QUERIES
+            and N * (slot + N) <= attention_kernel.MAX_SCORES):
         ends, own = rows.bounds()
         return multi(q[:, N - n:], keys, values, ends[N - n:], own[N - n:]).view(R * n, H * Dh)
     if stored < N:

@@ -99,7 +99,7 @@ def row_groups(orders: torch.Tensor, kept: torch.Tensor, steps: int, schedule: s
                times: torch.Tensor | None) -> list[tuple[int, ...]]:
     """Each row's group sizes over its unknown tokens (orders (B, T), kept (B,)): by `times` (the
     wavefront's pass per raster position, merged to at most `steps` groups) or by `schedule`."""
-    out = []
+    out, times = [], None if times is None else times.cpu()
     for o, k in zip(orders.tolist(), kept.tolist()):
         rest = len(o) - k
         if times is None:

@@ -235,6 +235,8 @@ def cached_logits(model: RAR | DecodeBackend, tokens: torch.Tensor, labels: torc
     with its own linears (`prepare(model, packed=False)`); pass a backend to check another."""
     backend = as_backend(model, packed=False)
     B, T = tokens.shape
+    if isinstance(order, str) and order in STEP_ORDERS:
+        raise ValueError(f"order {order!r} is made per sampling call; give cached_logits the (B, T) orders themselves.")
     orders = generation_order(order, backend, tokens.device, B).expand(B, T)
     kept = torch.zeros(B, dtype=torch.long, device=tokens.device) if kept is None else torch.as_tensor(kept).long()
     dec = CachedDecoder(backend, labels, orders, kept)

@@ -197,16 +197,18 @@ def check_fresh_start(out: Path, rank: int, start_over: bool) -> None:
     never mix in one log) and moves the checkpoints aside to `checkpoints-before-start-over*/`.
     Nothing is deleted."""
     metrics, saved = out / "metrics.jsonl", sorted((out / "checkpoints").glob("step-*[0-9]"))
-    logged = metrics.is_file() and metrics.stat().st_size > 0
-    if not logged and not saved:
+    logs = [p for p in (metrics, out / "eval.jsonl") if p.is_file() and p.stat().st_size > 0]
+    if not logs and not saved:
         return
     if not saved:
         if rank == 0:
-            aside = _aside(metrics, "metrics-before-start-over", ".jsonl")
-            metrics.rename(aside)
+            kept = []
+            for log in logs:  # metrics.jsonl -> metrics-before-start-over.jsonl, eval.jsonl alike
+                kept.append(_aside(log, f"{log.stem}-before-start-over", ".jsonl"))
+                log.rename(kept[-1])
             (out / "summary.json").unlink(missing_ok=True)
             print(f"{out} logged steps but wrote no checkpoint, so there is nothing to resume: starting over "
-                  f"(its log is kept as {aside.name}).")
+                  f"(its logs are kept as {', '.join(p.name for p in kept)}).")
         _barrier()
         return
     if not start_over:
@@ -214,6 +216,9 @@ def check_fresh_start(out: Path, rank: int, start_over: bool) -> None:
                          f"set start_over=true to train again from step 0 in it, or use another out_dir.")
     if rank == 0:
         metrics.write_text("")
+        evals = out / "eval.jsonl"
+        if evals.is_file():  # its records belong to the run that cannot resume
+            evals.rename(_aside(evals, "eval-before-start-over", ".jsonl"))
         (out / "summary.json").unlink(missing_ok=True)
         (out / "checkpoints").rename(_aside(out / "checkpoints", "checkpoints-before-start-over"))
     _barrier()

@@ -29,6 +29,12 @@ from ..tokenizer.vqgan import load_any_tokenizer
 CLASSIFIER_FILE = "eval-classifier.pt"  # trained once per run, so that every evaluation uses the same one
 
 
+def _forked_rng():
+    """torch's CPU and CUDA generators as they were when the block is left (the classifier's
+    training reseeds them; model constructors draw from them)."""
+    return torch.random.fork_rng(devices=list(range(torch.cuda.device_count())) if torch.cuda.is_available() else [])
+
+
 @torch.no_grad()
 def heldout_bits_per_token(model, tokens: torch.Tensor, labels: torch.Tensor, order: str = "raster",
                            batch_size: int = 250) -> float:
@@ -56,6 +62,10 @@ class RunEvaluator:
     classifier trained once (or loaded from the run folder) and the reference features."""
 
     def __init__(self, cfg, out: Path, tokenizer: str | None):
+        with _forked_rng():
+            self._setup(cfg, out, tokenizer)
+
+    def _setup(self, cfg, out: Path, tokenizer: str | None) -> None:
         self.cfg, self.order = cfg.eval, cfg.order
         self.tokens = self.labels = None
         if self.cfg.heldout:
@@ -79,14 +89,16 @@ class RunEvaluator:
             clf.load_state_dict(torch.load(path, weights_only=True))
         else:
             clf = train_classifier(data["train_images"], data["train_labels"], epochs=4, progress=False)
-            torch.save(clf.state_dict(), path)
+            partial = path.with_name(path.name + ".partial")
+            torch.save(clf.state_dict(), partial)
+            partial.replace(path)  # atomic: a run killed while saving it leaves none, not a broken one
         _, held = predict_digits(clf.eval(), data["test_images"])
         return {"classifier": clf.eval(), "heldout_features": held}
 
     def __call__(self, model, step: int) -> dict:
         """The record of `step`: {"step", "heldout_bits_per_token"?, "sample_fd"?, "sample_class_accuracy"?}."""
         rec = {"step": step}
-        with torch.random.fork_rng(devices=[]):
+        with _forked_rng():
             if self.tokens is not None:
                 rec["heldout_bits_per_token"] = heldout_bits_per_token(model, self.tokens, self.labels, self.order)
             if self.digits is not None:

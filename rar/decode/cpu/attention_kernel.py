@@ -16,7 +16,8 @@ import torch
 from . import toolchain
 
 MAX_LENGTH = 16384  # cached positions per call: the kernel keeps one pair's scores on its thread's stack
-MAX_SCORES = 65536  # queries x positions of one multi-query call (its scores are on the stack too)
+MAX_SCORES = 32768  # queries x positions of one multi-query call (its scores are on the stack too) ...
+MAX_QUERIES = 64  # ... and its queries (their running sums too)
 
 class SingleQueryAttention:
     """softmax(q k^T / sqrt(Dh)) v for one query per (row, head): q (R, H, Dh) with a contiguous last
@@ -36,6 +37,7 @@ class SingleQueryAttention:
         N = q.shape[1]
         ok = (q.dtype == k.dtype == v.dtype == torch.float32 and Dh == self.head_dim and q.shape == (R, N, H, Dh)
               and q.stride(-1) == 1 and k.stride()[2:] == v.stride()[2:] == (Dh, 1) and 0 < N * L <= MAX_SCORES
+              and N <= MAX_QUERIES
               and ends.shape == own.shape == (N,))
         if not ok or self._multi is None:
             raise ValueError(f"multi_query_attention expects fp32 CPU q (R, N, H, {self.head_dim}) and cache slices "

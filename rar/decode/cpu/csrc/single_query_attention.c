@@ -123,7 +123,7 @@ void multi_query_attention(const float *q, const int64_t *q_strides, const float
         sn[l] = e;
         sum += e;
       }
-      float inv = 1.f / sum;
+      float inv = sum > 0.f ? 1.f / sum : 0.f; /* no visible key (never in rar's use): zeros, not NaN */
       for (int64_t l = first; l < length; l++) sn[l] *= inv;
     }
     memset(acc, 0, sizeof acc);
