@@ -98,6 +98,7 @@ CLI_CASES = {
     "sample device=meta": (["sample", "{G}", "--device", "meta"], "cannot run rar"),
     "sample device=mps": (["sample", "{G}", "--device", "mps"], "'mps'"),
     "sample device=cuda:7": (["sample", "{G}", "--device", "cuda:7"], "'cuda:7'"),
+    "sample seed=-1": (["sample", "{G}", "--seed", "-1"], "seed must be an integer >= 0"),
     "sample steps=0": (["sample", "{G}", "--steps", "0"], "steps"),
     "sample steps > tokens": (["sample", "{G}", "--steps", "100000"], "steps"),
     "sample unknown schedule": (["sample", "{G}", "--steps", "4", "--schedule", "zigzag"], "schedule must be one of"),

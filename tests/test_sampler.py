@@ -275,3 +275,9 @@ def test_bf16_single_query_attention_is_close_to_fp32(monkeypatch):
     ours = _single_query_attention(*low)
     assert ours.dtype == torch.bfloat16 and ours.shape == ref.shape
     assert (ours.float() - ref).abs().max() <= 2.5 * fused_err
+
+
+@pytest.mark.parametrize("seed", [-1, 1.5, True, "3"])
+def test_a_seed_that_is_not_a_non_negative_integer_is_refused_not_truncated(tiny_official, seed):
+    with pytest.raises(ValueError, match="seed must be an integer >= 0"):
+        generate(tiny_official, torch.tensor([1]), seed=seed)

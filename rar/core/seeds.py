@@ -1,6 +1,8 @@
 """Seeds: every random stream of the package comes from integers mixed here."""
 from __future__ import annotations
 
+import operator
+
 import numpy as np
 import torch
 
@@ -8,9 +10,26 @@ import torch
 def mix_seed(*parts: int) -> int:
     """A 63-bit seed from several integers, e.g. (seed, step) in training or (seed, index) in
     sampling: each combination gets its own independent random stream."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0] >> 1)
+    values = []
+    for p in parts:
+        try:
+            values.append(None if isinstance(p, bool) else operator.index(p))
+        except TypeError:
+            values.append(None)
+    if any(v is None or v < 0 for v in values):
+        raise ValueError(f"seeds and sample indices must be integers >= 0, got {', '.join(map(repr, parts))}.")
+    return int(np.random.SeedSequence(values).generate_state(1, np.uint64)[0] >> 1)
 
 
 def resolve_seed(seed: int | None, generator: torch.Generator | None) -> int:
-    """`seed` itself, or one integer drawn from `generator` (torch's default one when None)."""
-    return int(torch.randint(0, 2**62, (1,), generator=generator).item()) if seed is None else int(seed)
+    """`seed` itself (an integer >= 0; a float or a bool is refused, not truncated), or one integer
+    drawn from `generator` (torch's default one when None)."""
+    if seed is None:
+        return int(torch.randint(0, 2**62, (1,), generator=generator).item())
+    try:
+        value = None if isinstance(seed, bool) else operator.index(seed)
+    except TypeError:
+        value = None
+    if value is None or value < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}.")
+    return value
