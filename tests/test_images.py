@@ -56,3 +56,53 @@ def test_psnr():
     a = torch.zeros(2, 3, 4, 4)
     assert psnr(a, a) == pytest.approx(100.0)
     assert psnr(a, a + 0.1) == pytest.approx(20.0, abs=1e-4)
+
+
+def test_folder_walk_follows_links_but_never_loops_or_counts_a_file_twice(tmp_path):
+    """A symlink loop inside a class, two links to one folder, a link to one file: each image once."""
+    import os
+
+    import numpy as np
+    from PIL import Image
+
+    from rar.data.images import list_image_folder
+
+    cls = tmp_path / "data" / "cat"
+    (cls / "sub").mkdir(parents=True)
+    for i, where in enumerate([cls, cls / "sub"]):
+        Image.fromarray(np.full((8, 8, 3), i, np.uint8)).save(where / f"img{i}.png")
+    os.symlink(cls, cls / "sub" / "loop")  # a loop back to the class folder
+    os.symlink(cls / "sub", cls / "again")  # a second way into sub
+    os.symlink(cls / "img0.png", cls / "sub" / "copy.png")  # a second name for one file
+    elsewhere = tmp_path / "more"
+    elsewhere.mkdir()
+    Image.fromarray(np.full((8, 8, 3), 9, np.uint8)).save(elsewhere / "img9.png")
+    os.symlink(elsewhere, cls / "linked")  # a linked folder of other images: followed
+    paths, labels, classes = list_image_folder(tmp_path / "data")
+    assert classes == ["cat"] and labels.tolist() == [0, 0, 0]
+    assert sorted(os.path.realpath(p) for p in paths) == sorted(
+        os.path.realpath(p) for p in (cls / "img0.png", cls / "sub" / "img1.png", elsewhere / "img9.png"))
+
+
+def test_a_16_bit_or_rotated_image_reads_as_its_8_bit_upright_twin(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from rar.data.images import load_rgb
+
+    grey = np.tile(np.arange(0, 256, 16, dtype=np.uint8), (8, 1))  # (8, 16) a ramp
+    Image.fromarray(grey, "L").save(tmp_path / "eight.png")
+    Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "sixteen.png")  # the same picture, 16-bit
+    Image.fromarray(grey.astype(np.float32) / 255, "F").save(tmp_path / "float.tiff")
+    want = np.asarray(load_rgb(tmp_path / "eight.png"))
+    for name in ("sixteen.png", "float.tiff"):
+        img = Image.open(tmp_path / name)
+        assert img.mode != "L"  # really another mode
+        assert np.abs(np.asarray(load_rgb(tmp_path / name)).astype(int) - want).max() <= 1, name
+    rgb = np.zeros((4, 6, 3), np.uint8)
+    rgb[0, 0] = 255  # a white corner pixel
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    Image.fromarray(rgb).save(tmp_path / "rotated.png", exif=exif)
+    shown = np.asarray(load_rgb(tmp_path / "rotated.png"))
+    assert shown.shape == (6, 4, 3) and shown[0, -1].tolist() == [255, 255, 255]  # upright, as a viewer shows it

@@ -8,7 +8,7 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -146,9 +146,25 @@ def psnr(reference, reconstruction) -> float:
 
 
 def load_rgb(path: Union[str, os.PathLike]) -> Image.Image:
-    """Open an image file fully (so a truncated file fails here, not later) as RGB."""
+    """Open an image file fully (so a truncated file fails here, not later) as the RGB picture a
+    viewer shows: EXIF orientation applied, 16-bit and 32-bit integer grey levels scaled to 8 bits
+    (PIL's own conversion clips them, a different picture from the 8-bit twin), float images in
+    [0, 1] or [0, 255] alike; palette, alpha, CMYK and the rest through PIL's conversion."""
     with Image.open(path) as img:
+        img = ImageOps.exif_transpose(img)
+        if img.mode.startswith("I") or img.mode == "F":
+            img = Image.fromarray(_grey_to_8bit(np.asarray(img), img.mode), "L")
         return img.convert("RGB")
+
+
+def _grey_to_8bit(a: np.ndarray, mode: str) -> np.ndarray:
+    """uint8 grey levels of a PIL "I;16*", "I" or "F" image as (H, W) values."""
+    a = a.astype(np.float64)
+    if mode == "F":
+        scale = 255.0 if a.size and a.max() <= 1.0 else 1.0
+    else:  # integer modes hold 16-bit data (PNG, TIFF): 65535 is white
+        scale = 255.0 / 65535.0
+    return np.clip(np.rint(a * scale), 0, 255).astype(np.uint8)
 
 
 def list_image_folder(root: Union[str, os.PathLike]) -> tuple[list[Path], np.ndarray, list[str]]:
@@ -163,15 +179,32 @@ def list_image_folder(root: Union[str, os.PathLike]) -> tuple[list[Path], np.nda
         raise ValueError(f"image folder {str(root)!r} has no class subfolders: expected root/CLASS/IMAGE files.")
     paths, labels = [], []
     for idx, name in enumerate(classes):
-        for dirpath, dirnames, files in os.walk(root / name, followlinks=True):
-            dirnames.sort()
-            for f in sorted(files):
-                if f.lower().endswith(IMAGE_EXTENSIONS):
-                    paths.append(Path(dirpath) / f)
-                    labels.append(idx)
+        found = _class_images(root / name)
+        paths += found
+        labels += [idx] * len(found)
     if not paths:
         raise ValueError(f"image folder {str(root)!r} has class folders but no image files ({', '.join(IMAGE_EXTENSIONS)}).")
     return paths, np.asarray(labels, np.int64), classes
+
+
+def _class_images(folder: Path) -> list[Path]:
+    """Image files under `folder`, sorted, following symlinked folders (datasets are often linked
+    together) but never into a folder already walked (a link loop, or two links to one folder) and
+    never listing one file twice (two links to it)."""
+    seen_dirs, seen_files, out = set(), set(), []
+    for dirpath, dirnames, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen_dirs:
+            dirnames[:] = []  # walked already: its subfolders too
+            continue
+        seen_dirs.add(real)
+        dirnames[:] = sorted(d for d in dirnames if os.path.realpath(os.path.join(dirpath, d)) not in seen_dirs)
+        for f in sorted(files):
+            key = os.path.realpath(os.path.join(dirpath, f))
+            if f.lower().endswith(IMAGE_EXTENSIONS) and key not in seen_files:
+                seen_files.add(key)
+                out.append(Path(dirpath) / f)
+    return out
 
 
 def load_folder_images(root, resolution: int, limit: Optional[int] = None,
