@@ -36,6 +36,8 @@ def files(tmp_path_factory):
     (d / "no_images").mkdir()
     (d / "no_images" / "cat").mkdir()
     (d / "no_images" / "cat" / "x.png").write_bytes(b"not a png")
+    np.savez(d / "digits_64px.npz", arr_0=np.zeros((4, 64, 64, 3), np.uint8), arr_1=np.arange(4))
+    np.savez(d / "digits_label_12.npz", arr_0=np.zeros((4, 32, 32, 3), np.uint8), arr_1=np.array([1, 2, 3, 12]))
     return d
 
 
@@ -116,6 +118,8 @@ CLI_CASES = {
     # rar evaluate / tokenize / reconstruct / train-tokenizer
     "evaluate missing samples": (["evaluate", "{D}/nope.npz", "--ref", "{D}/nope.npz"], "nope.npz"),
     "evaluate not an npz": (["evaluate", "{D}/a_file", "--digits"], "a_file"),
+    "evaluate digits of 64 px": (["evaluate", "{D}/digits_64px.npz", "--digits"], "expects 32x32"),
+    "evaluate digit label 12": (["evaluate", "{D}/digits_label_12.npz", "--digits"], "0..9"),
     "tokenize missing folder": (["tokenize", "--tokenizer", "{D}/tok", "--data", "{D}/nowhere", "--out", "{T}/t"],
                                 "nowhere"),
     "tokenize no readable image": (["tokenize", "--tokenizer", "{D}/tok", "--data", "{D}/no_images", "--out",

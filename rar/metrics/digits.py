@@ -123,4 +123,13 @@ def evaluate_digits_npz(npz_path, quick: bool = False, progress: bool = True) ->
         if "arr_1" not in z:
             raise ValueError(f"{npz_path} has no arr_1 labels; the digit evaluation needs the class of every sample.")
         images, labels = z["arr_0"], z["arr_1"]
+    if images.shape[1:3] != (32, 32):
+        raise ValueError(f"{npz_path} holds {images.shape[1]}x{images.shape[2]} images; the digit evaluation expects "
+                         "32x32 (the demo's digits: 28x28 MNIST with a 2-pixel border).")
+    if labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer) or \
+            (len(labels) and (labels.min() < 0 or labels.max() > 9)):
+        raise ValueError(f"{npz_path}'s arr_1 must hold one digit class in 0..9 per image ({len(images)} integers), "
+                         f"got shape {labels.shape}, dtype {labels.dtype}"
+                         + (f", values {labels.min()}..{labels.max()}." if labels.size and
+                            np.issubdtype(labels.dtype, np.number) else "."))
     return evaluate_digit_samples(load_mnist_digits(seed=0, n_train=4500), images, labels, quick, progress)
