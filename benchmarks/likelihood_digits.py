@@ -42,7 +42,8 @@ def main() -> None:
     args = ap.parse_args()
     from rar.data.mnist import load_mnist_digits
     from rar.metrics.digits import predict_digits as digit_classify, train_digit_classifier
-    from rar.apps.editing_digits import decode_uint8, encode_digits, score
+    from rar.apps.editing_digits import encode_digits
+    from rar.metrics.digits import decode_uint8, score
     from rar.inference.likelihood import classify, log_likelihood
     from rar.model.weights import load_generator
     from rar.inference import generate, prepare

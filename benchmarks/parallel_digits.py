@@ -23,10 +23,9 @@ import torch
 
 
 def run(args) -> list[dict]:
-    from rar.apps.editing_digits import decode_uint8, score
     from rar.data.mnist import load_mnist_digits
     from rar.inference import generate, prepare
-    from rar.metrics.digits import predict_digits, train_digit_classifier
+    from rar.metrics.digits import decode_uint8, predict_digits, score, train_digit_classifier
     from rar.model.weights import load_generator
     from rar.tokenizer.vqgan import load_any_tokenizer
 

@@ -11,10 +11,10 @@ import torch
 from ..data.mnist import load_mnist_digits
 from ..inference import generate, prepare
 from ..inference.likelihood import log_likelihood
-from ..metrics.digits import predict_digits, train_digit_classifier
+from ..metrics.digits import decode_uint8, predict_digits, score, train_digit_classifier
 from ..model.weights import load_generator
 from ..tokenizer.vqgan import load_any_tokenizer
-from .editing_digits import decode_uint8, encode_digits, evaluate_editing, score
+from .editing_digits import encode_digits, evaluate_editing
 
 
 def _shared(context: dict, tokenizer_path: str) -> dict:

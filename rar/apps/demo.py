@@ -28,7 +28,7 @@ from ..core.runconfig import load_config
 from ..data.images import save_grid
 from ..data.mnist import load_mnist_digits
 from ..decode.backend import prepare
-from ..metrics.digits import evaluate_digit_samples, train_digit_classifier
+from ..metrics.digits import decode_uint8, evaluate_digit_samples, train_digit_classifier
 from ..model.weights import load_generator
 from ..tokenizer.shard_writer import TokenizeOptions, tokenize_digits
 from ..tokenizer.training import QUICK_OVERRIDES, TokenizerTrainConfig, train_tokenizer
@@ -36,7 +36,7 @@ from ..tokenizer.vqgan import load_any_tokenizer
 from ..training.config import TrainConfig
 from ..training.loop import train
 from ..inference.sampler import generate
-from .editing_digits import class_edit, decode_uint8, editing_figure, evaluate_editing
+from .editing_digits import class_edit, editing_figure, evaluate_editing
 from .sample_npz import assemble_npz, sample_eval
 
 CONFIGS = Path(__file__).parents[1] / "configs"

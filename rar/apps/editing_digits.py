@@ -25,8 +25,7 @@ from ..data.images import save_grid, to_uint8
 from ..decode.backend import DecodeBackend, prepare
 from ..inference.editing import edit
 from ..inference.image_editing import pixel_mask
-from ..metrics.digits import DigitClassifier, predict_digits
-from ..metrics.fidelity import feature_statistics, frechet_distance
+from ..metrics.digits import DigitClassifier, decode_uint8, predict_digits, score
 
 TASKS = ("top_half", "bottom_half", "left_half", "centre_square", "random_half", "outpaint_right")
 
@@ -73,12 +72,6 @@ def encode_digits(tokenizer, images: np.ndarray, device=None) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def decode_uint8(tokenizer, tokens: torch.Tensor) -> np.ndarray:
-    """tokens (N, T) -> uint8 images (N, H, W, 3), in chunks of `CHUNK` images."""
-    return np.concatenate([to_uint8(tokenizer.decode(tokens[s:s + CHUNK]).float()) for s in range(0, len(tokens), CHUNK)])
-
-
-@torch.inference_mode()
 def complete(backend: DecodeBackend, tokenizer, codes: torch.Tensor, keep: torch.Tensor, labels: torch.Tensor, *,
              batch_size: int = 250, seed: int = 0, **edit_kwargs) -> np.ndarray:
     """Completions of `codes` (N, T) as uint8 images (N, H, W, 3), sample i drawn with (seed, i)."""
@@ -89,13 +82,6 @@ def complete(backend: DecodeBackend, tokenizer, codes: torch.Tensor, keep: torch
                    **edit_kwargs)
         out.append(decode_uint8(tokenizer, tok))
     return np.concatenate(out)
-
-
-def score(classifier: DigitClassifier, images: np.ndarray, labels: np.ndarray, heldout_features: np.ndarray) -> dict:
-
-    pred, feat = predict_digits(classifier, images)
-    return {"accuracy": float((pred == labels).mean()),
-            "fd": float(frechet_distance(*feature_statistics(feat), *feature_statistics(heldout_features)))}
 
 
 def evaluate_editing(generator, tokenizer, classifier: DigitClassifier, images: np.ndarray, labels: np.ndarray, *,

@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..data.images import to_uint8
 from ..data.mnist import load_mnist_digits
 from .fidelity import feature_statistics, frechet_distance, read_npz_images
 
@@ -133,3 +134,20 @@ def evaluate_digits_npz(npz_path, quick: bool = False, progress: bool = True) ->
                          + (f", values {labels.min()}..{labels.max()}." if labels.size and
                             np.issubdtype(labels.dtype, np.number) else "."))
     return evaluate_digit_samples(load_mnist_digits(seed=0, n_train=4500), images, labels, quick, progress)
+
+
+DECODE_CHUNK = 500  # images per tokenizer call
+
+
+@torch.inference_mode()
+def decode_uint8(tokenizer, tokens: torch.Tensor) -> np.ndarray:
+    """tokens (N, T) -> uint8 images (N, H, W, 3), in chunks of `DECODE_CHUNK` images."""
+    return np.concatenate([to_uint8(tokenizer.decode(tokens[s:s + DECODE_CHUNK]).float())
+                           for s in range(0, len(tokens), DECODE_CHUNK)])
+
+
+def score(classifier: DigitClassifier, images: np.ndarray, labels: np.ndarray, heldout_features: np.ndarray) -> dict:
+    """Class accuracy and FD (in the classifier's features, against `heldout_features`) of digit images."""
+    pred, feat = predict_digits(classifier, images)
+    return {"accuracy": float((pred == labels).mean()),
+            "fd": float(frechet_distance(*feature_statistics(feat), *feature_statistics(heldout_features)))}

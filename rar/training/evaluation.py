@@ -10,20 +10,18 @@ evaluation logs exactly the losses of one without.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..data.batches import load_token_shards
-from ..data.images import to_uint8
 from ..data.mnist import load_mnist_digits
+from ..inference.likelihood import log_likelihood
 from ..inference.sampler import generate
-from ..metrics.digits import DigitClassifier, predict_digits, train_classifier
-from ..metrics.fidelity import feature_statistics, frechet_distance
-from ..model.orders import named_order
+from ..metrics.digits import DigitClassifier, decode_uint8, predict_digits, score, train_classifier
 from ..tokenizer.vqgan import load_any_tokenizer
 
 CLASSIFIER_FILE = "eval-classifier.pt"  # trained once per run, so that every evaluation uses the same one
@@ -35,26 +33,25 @@ def _forked_rng():
     return torch.random.fork_rng(devices=list(range(torch.cuda.device_count())) if torch.cuda.is_available() else [])
 
 
+@contextlib.contextmanager
+def _eval_mode(model):
+    """`model` in eval mode (no dropout) inside the block, back in its own mode after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def heldout_bits_per_token(model, tokens: torch.Tensor, labels: torch.Tensor, order: str = "raster",
                            batch_size: int = 250) -> float:
     """Mean cross-entropy in bits per token of held-out tokens (N, T) with their labels (N,), every
-    sequence in the scan order `order`, the model in eval mode (no dropout)."""
-    T = tokens.shape[1]
-    base = torch.arange(T) if order == "raster" else named_order(order, math.isqrt(T))
-    device = next(model.parameters()).device
-    total, was_training = 0.0, model.training
-    model.eval()
-    try:
-        for i in range(0, len(tokens), batch_size):
-            tok, lab = tokens[i:i + batch_size].to(device), labels[i:i + batch_size].to(device)
-            orders = base.to(device).expand(len(tok), T)
-            logits = model(tok, lab, orders)  # (b, T, V)
-            total += F.cross_entropy(logits.flatten(0, 1).float(), tok.gather(1, orders).flatten(),
-                                     reduction="sum").item()
-    finally:
-        model.train(was_training)
-    return total / (tokens.numel() * math.log(2))
+    sequence in the scan order `order` (`rar.log_likelihood`), the model in eval mode (no dropout)."""
+    with _eval_mode(model):
+        nll = log_likelihood(model, tokens, labels, orders=order, batch_size=batch_size)  # (N,) nats per token
+    return float(nll.mean()) / math.log(2)
 
 
 class RunEvaluator:
@@ -108,16 +105,10 @@ class RunEvaluator:
     def _sample_metrics(self, model) -> dict:
         n = self.cfg.samples
         labels = torch.arange(n) % 10  # the ten digits in turn
-        was_training = model.training
-        model.eval()
-        try:
-            order = None if self.order == "raster" else self.order
+        order = None if self.order == "raster" else self.order
+        with _eval_mode(model):
             tokens = torch.cat([generate(model, labels[i:i + 250], seed=self.cfg.seed, order=order,
                                          indices=range(i, min(i + 250, n))) for i in range(0, n, 250)])
-        finally:
-            model.train(was_training)
-        with torch.inference_mode():
-            images = to_uint8(self.tokenizer.decode(tokens.cpu()).float())  # (n, H, W, 3)
-        pred, feats = predict_digits(self.digits["classifier"], images)
-        fd = frechet_distance(*feature_statistics(feats), *feature_statistics(self.digits["heldout_features"]))
-        return {"sample_fd": float(fd), "sample_class_accuracy": float((pred == labels.numpy()).mean())}
+        res = score(self.digits["classifier"], decode_uint8(self.tokenizer, tokens.cpu()), labels.numpy(),
+                    self.digits["heldout_features"])
+        return {"sample_fd": res["fd"], "sample_class_accuracy": res["accuracy"]}
