@@ -27,3 +27,25 @@ def draw(logits: torch.Tensor, top_k: int | None, top_p: float | None, u: torch.
     cdf = probs.cumsum(-1)
     tok = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(1)
     return tok.clamp_max(logits.shape[-1] - 1)
+
+
+def with_unconditional(labels: torch.Tensor, null_label: int, guided: bool):
+    """The decoder's rows for classifier-free guidance: (labels then as many null labels, a function
+    that doubles any per-row tensor alike, None staying None); without guidance the labels as they are."""
+    if not guided:
+        return labels, lambda t: t
+    return torch.cat([labels, torch.full_like(labels, null_label)]), lambda t: None if t is None else torch.cat([t, t])
+
+
+def guide(logits: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Guided logits u + (c - u) * scale from the (2B, ...) logits of `with_unconditional`'s rows."""
+    B = logits.shape[0] // 2
+    cond, uncond = logits[:B], logits[B:]
+    return uncond + (cond - uncond) * scale
+
+
+def raise_if_not_finite(finite: torch.Tensor) -> None:
+    """The sampling loops' one check, at the end (no sync per step), that every logit was finite."""
+    if not finite:
+        raise FloatingPointError("the model produced non-finite logits (NaN or inf) while sampling, so the tokens "
+                                 "would be meaningless; check that its weights are finite.")

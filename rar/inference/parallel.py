@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from ..core.seeds import mix_seed
 from ..decode.backend import DecodeBackend
 from ..decode.cache import CachedDecoder
-from .draw import draw
+from .draw import draw, guide, raise_if_not_finite, with_unconditional
 
 GROUP_SCHEDULES = ("cosine", "arccos", "linear", "constant")
 STEP_ORDERS = ("random", "wavefront")  # order names resolved per call: from the seed, from the steps
@@ -141,8 +141,7 @@ def _run_groups(backend, labels, orders, s, uniforms, scales, sizes, K, tokens, 
     """One batch whose rows all know K tokens and decode in groups of `sizes`."""
     B, T = orders.shape
     guided = s.guided
-    rows = torch.cat([labels, torch.full_like(labels, backend.config.null_label)]) if guided else labels  # (R,)
-    twice = (lambda t: None if t is None else torch.cat([t, t])) if guided else (lambda t: t)
+    rows, twice = with_unconditional(labels, backend.config.null_label, guided)  # (R,)
     dec = CachedDecoder(backend, rows, twice(orders), twice(torch.full((B,), K, device=orders.device)))
     first = orders[:, K + 1:K + sizes[0]]  # (B, g0 - 1) the first group's other positions
     logits = dec.prefill(twice(tokens), targets=twice(first) if first.shape[1] else None)  # (R, g0, V) or (R, V)
@@ -153,8 +152,7 @@ def _run_groups(backend, labels, orders, s, uniforms, scales, sizes, K, tokens, 
     for n, g in enumerate(passes):
         finite &= torch.isfinite(logits).all()
         if guided:
-            cond, uncond = logits[:B], logits[B:]
-            logits = uncond + (cond - uncond) * scales[:, j:j + 1, None]  # the scale at the group's first token
+            logits = guide(logits, scales[:, j:j + 1, None])  # the scale at the group's first token
         tok = draw((logits / s.temperature).flatten(0, 1), s.top_k, s.top_p, uniforms[:, j:j + g].flatten())
         tok = tok.view(B, g)
         where = orders[:, K + j:K + j + g]  # (B, g) raster positions
@@ -165,7 +163,5 @@ def _run_groups(backend, labels, orders, s, uniforms, scales, sizes, K, tokens, 
             nxt = orders[:, K + j + g + 1:K + j + g + sizes[n + 1]]  # (B, g' - 1) the next group's queries
             logits = dec.extend(twice(tok), j, twice(nxt) if nxt.shape[1] else None)  # (R, g', V)
         j += g
-    if not finite:
-        raise FloatingPointError("the model produced non-finite logits (NaN or inf) while sampling, so the tokens "
-                                 "would be meaningless; check that its weights are finite.")
+    raise_if_not_finite(finite)
     return out

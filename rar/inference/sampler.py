@@ -23,7 +23,7 @@ from ..decode.cache import CachedDecoder
 from ..model.config import SamplingDefaults
 from ..model.orders import is_permutation, named_order
 from ..model.transformer import RAR
-from .draw import draw
+from .draw import draw, guide, raise_if_not_finite, with_unconditional
 from .parallel import STEP_ORDERS, check_steps, random_orders, row_groups, run_parallel, wavefront_order, \
     wavefront_times
 
@@ -195,8 +195,7 @@ def run_decoder(backend: DecodeBackend, labels: torch.Tensor, orders: torch.Tens
     B, T = orders.shape
     kept = torch.zeros(B, dtype=torch.long, device=orders.device) if kept is None else kept
     guided = s.guided
-    rows = torch.cat([labels, torch.full_like(labels, backend.config.null_label)]) if guided else labels  # (R,)
-    twice = (lambda t: None if t is None else torch.cat([t, t])) if guided else (lambda t: t)
+    rows, twice = with_unconditional(labels, backend.config.null_label, guided)  # (R,)
     dec = CachedDecoder(backend, rows, twice(orders), twice(kept))
     out = torch.empty(B, T, dtype=torch.long, device=orders.device) if tokens is None else tokens.clone()
     logits = dec.prefill(twice(tokens))  # (R, V)
@@ -208,8 +207,7 @@ def run_decoder(backend: DecodeBackend, labels: torch.Tensor, orders: torch.Tens
     for j in steps:
         finite &= torch.isfinite(logits).all()
         if guided:
-            cond, uncond = logits[:B], logits[B:]
-            logits = uncond + (cond - uncond) * scales[:, j:j + 1]
+            logits = guide(logits, scales[:, j:j + 1])
         tok = draw(logits / s.temperature, s.top_k, s.top_p, uniforms[:, j])  # (B,)
         index = kept + j  # (B,) each row's index in its order; past T - 1 the row is done
         where = orders.gather(1, index.clamp(max=T - 1)[:, None])  # (B, 1) raster positions
@@ -219,9 +217,7 @@ def run_decoder(backend: DecodeBackend, labels: torch.Tensor, orders: torch.Tens
         out.scatter_(1, where, torch.where(done, out.gather(1, where), tok[:, None]))
         if j + 1 < num_steps:
             logits = dec.step(twice(tok), j)
-    if not finite:
-        raise FloatingPointError("the model produced non-finite logits (NaN or inf) while sampling, so the tokens "
-                                 "would be meaningless; check that its weights are finite.")
+    raise_if_not_finite(finite)
     return out
 
 
