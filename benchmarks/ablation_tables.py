@@ -11,7 +11,8 @@ import sys
 PAPER_FID = {  # RAR-L on ImageNet 256 (the figures: Table 4 schedules, Table 3 orders)
     "raster_only": "3.08", "random_only": "3.01", "annealed": "2.18", "raster": "2.18", "z_curve": "2.29"}
 METRICS = [("fd", "FD (digit features)", 2), ("class_accuracy", "class acc.", 3),
-           ("heldout_bits_per_token", "held-out bits/token", 3), ("inpaint_top_half_accuracy", "top-half inpaint acc.", 3)]
+           ("heldout_bits_per_token", "held-out bits/token", 3), ("inpaint_top_half_accuracy", "top-half inpaint acc.", 3),
+           ("parallel_fd", "FD at T/4 passes, random order", 2), ("parallel_class_accuracy", "class acc. at T/4", 3)]
 
 
 def table(report: dict) -> str:

@@ -61,7 +61,7 @@ def test_aggregate_equals_a_direct_computation():
     assert out["b"]["fd"] == {"values": [3.0], "mean": 3.0, "std": 0.0} and "note" not in out["a"]
 
 
-@pytest.mark.parametrize("name", ["convergence", "ablation_schedule_demo_budget", "ablation_window"])
+@pytest.mark.parametrize("name", ["convergence", "ablation_schedule_demo_budget", "ablation_window", "ablation_converged"])
 def test_the_schedule_study_configs_load_and_validate(name, tmp_path):
     """The studies of issue #27 build a valid training config for every run; the convergence study
     evaluates during training, and the window study's windows are the ones asked for."""
@@ -79,5 +79,6 @@ def test_the_schedule_study_configs_load_and_validate(name, tmp_path):
         assert all(c.eval.every == 500 and c.eval.samples == 300 and c.max_steps == 10000 for _, _, c in runs)
     if name == "ablation_window":
         windows = {v: (c.steps_of(c.anneal_start), c.steps_of(c.anneal_end)) for v, _, c in runs}
-        assert windows == {"early_0.25_0.5": (1500, 3000), "paper_0.5_0.75": (3000, 4500),
-                           "late_0.75_1.0": (4500, 6000), "whole_run_0_1": (0, 6000)}
+        assert windows == {"early_0.25_0.5": (1000, 2000), "late_0.75_1.0": (3000, 4000), "whole_run_0_1": (0, 4000)}
+    if name in ("ablation_window", "ablation_converged"):  # the paper's window is the converged study's `annealed`
+        assert all(c.max_steps == 4000 and c.eval.every == 500 for _, _, c in runs)

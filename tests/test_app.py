@@ -85,3 +85,109 @@ def test_generate_then_inpaint_in_a_real_browser(server, tmp_path):
         assert _image_size(page, "edit-grid") == (4 * (4 * 34 + 2), 4 * (2 * 34 + 2))  # kept-first row, raster row
         page.screenshot(path=str(tmp_path / "edit.png"))
         browser.close()
+
+
+def _launch(models, queue_size: int):
+    from rar.apps.app import build_app
+
+    app = build_app(models, queue_size=queue_size)
+    port = _free_port()
+    app.launch(prevent_thread_lock=True, server_port=port, ssr_mode=False, quiet=True)
+    return app, f"http://127.0.0.1:{port}/"
+
+
+def _pixels(paths) -> list:
+    import numpy as np
+    from PIL import Image
+
+    return [np.asarray(Image.open(p)) for p in paths]
+
+
+def test_concurrent_api_requests_are_batched_and_get_their_lone_images(tmp_path, monkeypatch):
+    """/generate under 6 concurrent clients: every request answered, each with exactly the images of
+    a lone request of its seed (they were decoded as one batch); the edit endpoint is named too."""
+    pytest.importorskip("gradio")
+    client_mod = pytest.importorskip("gradio_client")
+    import threading
+
+    from conftest import save_tiny_pair
+    from rar.apps import app as appmod
+
+    save_tiny_pair(tmp_path / "g", tmp_path / "t", [str(i) for i in range(10)], perturb=0.05)
+    models = appmod.load_models(tmp_path / "g", tmp_path / "t")
+    batches = []
+    real = appmod.generate_requests
+    monkeypatch.setattr(appmod, "generate_requests", lambda m, reqs: batches.append(len(reqs)) or real(m, reqs))
+    lone = [appmod.generate_images(models, "3: 3", 2, 3.0, 0.5, 1.0, seed, 64)[1] for seed in range(6)]
+    batches.clear()
+    app, url = _launch(models, queue_size=16)
+    try:
+        assert set(client_mod.Client(url, verbose=False).view_api(return_format="dict")["named_endpoints"]) == \
+            {"/generate", "/edit"}
+        got = [None] * 6
+
+        def request(k):
+            got[k] = client_mod.Client(url, verbose=False).predict("3: 3", 2, 3.0, 0.5, 1.0, k, 64, api_name="/generate")
+
+        threads = [threading.Thread(target=request, args=(k,)) for k in range(6)]
+        [t.start() for t in threads]
+        [t.join(timeout=120) for t in threads]
+        assert all(g is not None for g in got)  # every request answered
+        for k in range(6):
+            assert all((a == b).all() for a, b in zip(_pixels(got[k][1]), _pixels(lone[k]))), k
+        assert max(batches) > 1  # at least two requests shared a decode
+        _run_readme_client_snippet(url, tmp_path, monkeypatch)
+    finally:
+        app.close()
+
+
+def test_a_full_queue_says_busy_at_once(tmp_path, monkeypatch):
+    """Past the queue's bound a request is refused at once with "try again", never left hanging;
+    the accepted ones are all answered."""
+    pytest.importorskip("gradio")
+    client_mod = pytest.importorskip("gradio_client")
+    import threading
+
+    from conftest import save_tiny_pair
+    from rar.apps import app as appmod
+
+    save_tiny_pair(tmp_path / "g", tmp_path / "t", [str(i) for i in range(10)])
+    models = appmod.load_models(tmp_path / "g", tmp_path / "t")
+    real = appmod.generate_requests
+    monkeypatch.setattr(appmod, "generate_requests", lambda m, reqs: time.sleep(2) or real(m, reqs))  # a busy app
+    app, url = _launch(models, queue_size=2)
+    try:
+        outcome = [None] * 10
+
+        def request(k):
+            try:
+                client_mod.Client(url, verbose=False).predict("1: 1", 1, 1.0, 0.0, 1.0, k, 64, api_name="/generate")
+                outcome[k] = "answered"
+            except Exception as err:  # noqa: BLE001 - gradio_client's QueueError
+                outcome[k] = str(err)
+
+        threads = [threading.Thread(target=request, args=(k,)) for k in range(10)]
+        [t.start() for t in threads]
+        [t.join(timeout=120) for t in threads]
+        busy = [o for o in outcome if o != "answered"]
+        assert None not in outcome  # nobody left waiting
+        assert busy and all("try again" in o.lower() for o in busy), outcome
+        assert outcome.count("answered") >= 1
+    finally:
+        app.close()
+
+
+def _run_readme_client_snippet(url: str, tmp_path, monkeypatch) -> None:
+    """The README's gradio_client example, as written, against this app (its URL swapped in)."""
+    import re
+
+    import numpy as np
+    from PIL import Image
+
+    code = next(c for c in re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+                if "gradio_client" in c)
+    Image.fromarray((np.arange(32 * 32 * 3).reshape(32, 32, 3) % 255).astype(np.uint8)).save(tmp_path / "digit.png")
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(code.replace("http://127.0.0.1:7860/", url), "README.md", "exec"), namespace)  # noqa: S102
+    assert len(namespace["pngs"]) == 4 and "rar.generate" not in str(namespace["pngs"])

@@ -32,13 +32,77 @@ def files(tmp_path_factory):
     torch.save(RAR(RARConfig(32, 1, 2, 64)).state_dict(), d / "whole.bin")
     (d / "truncated.bin").write_bytes((d / "whole.bin").read_bytes()[:5000])
     (d / "a_file").write_text("not a folder")
+    (d / "folder.bin").mkdir()
     (d / "broken.yaml").write_text("max_steps: [1, 2\nout_dir: x\n")
     (d / "no_images").mkdir()
     (d / "no_images" / "cat").mkdir()
     (d / "no_images" / "cat" / "x.png").write_bytes(b"not a png")
     np.savez(d / "digits_64px.npz", arr_0=np.zeros((4, 64, 64, 3), np.uint8), arr_1=np.arange(4))
     np.savez(d / "digits_label_12.npz", arr_0=np.zeros((4, 32, 32, 3), np.uint8), arr_1=np.array([1, 2, 3, 12]))
+    _mismatched_models(d)
+    _bad_shards(d)
+    _user_files(d)
     return d
+
+
+def _mismatched_models(d: Path) -> None:
+    import dataclasses
+
+    cfg = VQGANConfig.preset("digits_f4_32")
+    save_tokenizer(VQGAN(dataclasses.replace(cfg, codebook_size=128)).eval(), d / "tok128")
+    save_tokenizer(VQGAN(dataclasses.replace(cfg, resolution=64)).eval(), d / "tok64px")
+    gen = RAR.from_preset("tiny", hidden_size=32, num_layers=1, num_heads=2, mlp_size=64).eval()
+    with torch.no_grad():
+        gen.lm_head.bias[3] = float("nan")
+    save_generator(gen, d / "gen_nan")
+    torch.save({"weights": [1, 2, 3]}, d / "inception_list.pth")  # a state dict of non-tensors
+    (d / "inception_pickle.pth").write_bytes(__import__("pickle").dumps(Path("x")))  # a pickled object
+
+
+def _shards(folder: Path, tokens=None, labels=None, manifest=None, **changes) -> None:
+    """A token-shard folder as `rar tokenize` writes it (8 images of 8x8 codes < 64, 10 classes)."""
+    folder.mkdir()
+    tokens = np.arange(8 * 64).reshape(8, 1, 64) % 64 if tokens is None else tokens
+    np.save(folder / "tokens-00000-of-00001.npy", np.asarray(tokens).astype(np.uint16) if tokens.dtype.kind in "ui" else tokens)
+    np.save(folder / "labels-00000-of-00001.npy", np.arange(8) % 10 if labels is None else labels)
+    m = {"format": "rar-token-shards", "codebook_size": 64, "grid": [8, 8], "tokens_per_image": 64,
+         "views_per_image": 1, "num_images": 8, "num_classes": 10, "class_names": [str(i) for i in range(10)],
+         "shards": [{"tokens": "tokens-00000-of-00001.npy", "labels": "labels-00000-of-00001.npy", "count": 8}],
+         **changes}
+    (folder / "manifest.json").write_text(manifest if manifest is not None else json.dumps(m))
+
+
+def _bad_shards(d: Path) -> None:
+    _shards(d / "shards_ok")
+    _shards(d / "shards_list", manifest="[1, 2]")
+    _shards(d / "shards_not_json", manifest="{not json")
+    _shards(d / "shards_no_key", manifest=json.dumps({"format": "rar-token-shards"}))
+    _shards(d / "shards_count_text", num_images="many")
+    _shards(d / "shards_grid", grid=[16, 16])
+    codes = np.arange(8 * 64).reshape(8, 1, 64) % 64
+    codes[3, 0, 5] = 500
+    _shards(d / "shards_code_500", tokens=codes)
+    _shards(d / "shards_null_label", labels=np.array([0, 1, 2, 3, 10, 5, 6, 7]))
+    _shards(d / "shards_negative_label", labels=np.array([0, 1, 2, -1, 4, 5, 6, 7]))
+    _shards(d / "shards_float_codes", tokens=np.zeros((8, 1, 64), np.float32))
+    _shards(d / "shards_count_wrong", num_images=5)
+    _shards(d / "shards_truncated")
+    f = d / "shards_truncated" / "tokens-00000-of-00001.npy"
+    f.write_bytes(f.read_bytes()[:200])
+
+
+def _user_files(d: Path) -> None:
+    """Files a user owns, which no failed or unasked command may change."""
+    from PIL import Image
+
+    img = (np.arange(32 * 32 * 3).reshape(32, 32, 3) % 251).astype(np.uint8)
+    (d / "edit_out").mkdir()
+    Image.fromarray(img).save(d / "edit_out" / "result_00.png")  # the input image, inside the output folder
+    Image.fromarray(img).save(d / "photo.png")
+    Image.fromarray(np.full((32, 32), 255, np.uint8)).save(d / "mask.png")
+    (d / "scores.csv").write_text("image,label,nll_bits_per_token\nmine,0,1.0\n")  # an earlier score file
+    (d / "samples_done").mkdir()
+    (d / "samples_done" / "tokens.npy").write_bytes(b"my own tokens")
 
 
 def run_cli(argv, capsys):
@@ -131,6 +195,68 @@ CLI_CASES = {
     "train-tokenizer unknown key": (["train-tokenizer", "{TC}", "stepz=3"], "stepz"),
     "train-tokenizer bad loss": (["train-tokenizer", "{TC}", "recon_loss=l3", "steps=1", "out_dir={T}/tk"],
                                  "recon_loss"),
+    # token shards: the manifest and the arrays are checked before a model is built
+    "train manifest is a list": (["train", "{C}", "{S}shards_list"], "holds a JSON list"),
+    "train manifest not JSON": (["train", "{C}", "{S}shards_not_json"], "is not valid JSON"),
+    "train manifest without shards": (["train", "{C}", "{S}shards_no_key"], "has no 'shards'"),
+    "train manifest count as text": (["train", "{C}", "{S}shards_count_text"], "'num_images' is 'many'"),
+    "train manifest grid wrong": (["train", "{C}", "{S}shards_grid"], "grid [16, 16]"),
+    "train shard code 500": (["train", "{C}", "{S}shards_code_500"], "holds code 500"),
+    "train shard null label": (["train", "{C}", "{S}shards_null_label"], "null label"),
+    "train shard negative label": (["train", "{C}", "{S}shards_negative_label"], "holds label -1"),
+    "train shard float codes": (["train", "{C}", "{S}shards_float_codes"], "expected integer codes"),
+    "train shard count wrong": (["train", "{C}", "{S}shards_count_wrong"], "num_images is 5"),
+    "train shard truncated": (["train", "{C}", "{S}shards_truncated"], "not a readable .npy"),
+    "train shards path is a file": (["train", "{C}", "data.synthetic=false", "data.path={D}/a_file"], "is a file"),
+    "train data.tokenizer missing": (["train", "{C}", "{S}shards_ok", "data.tokenizer={D}/nope"], "data.tokenizer"),
+    "train data.tokenizer codebook": (["train", "{C}", "{S}shards_ok", "data.tokenizer={D}/tok128"], "codebook 128"),
+    "train data.tokenizer resolution": (["train", "{C}", "{S}shards_ok", "data.tokenizer={D}/tok64px"],
+                                        "256 tokens per image"),
+    # generator and tokenizer must fit; weights must be finite; sizes stay within stated limits
+    "sample tokenizer codebook": (["sample", "{G}", "--tokenizer", "{D}/tok128"], "does not fit the generator"),
+    "sample tokenizer resolution": (["sample", "{G}", "--tokenizer", "{D}/tok64px"], "256 tokens per image"),
+    "sample NaN weights": (["sample", "--generator", "{D}/gen_nan", "--out", "{T}/s"], "NaN or infinite"),
+    "sample temperature 1e-40": (["sample", "{G}", "--temperature", "1e-40"], "at least 1e-06"),
+    "sample beyond memory": (["sample", "{G}", "--num-per-class", "100000000000"], "GiB of memory"),
+    "sample-eval tokenizer codebook": (["sample-eval", "--generator", "{D}/gen", "--tokenizer", "{D}/tok128", "--out",
+                                        "{T}/e.npz"], "does not fit the generator"),
+    "inpaint tokenizer codebook": (["inpaint", "{D}/photo.png", "--mask", "{D}/mask.png", "--generator", "{D}/gen",
+                                    "--tokenizer", "{D}/tok128", "--out", "{T}/i"], "does not fit the generator"),
+    "outpaint canvas too large": (["outpaint", "{D}/photo.png", "--extend", "right:100000", "--generator", "{D}/gen",
+                                   "--tokenizer", "{D}/tok", "--out", "{T}/o"], "at most 32 token rows"),
+    "evaluate inception list": (["evaluate", "{D}/digits_64px.npz", "--ref", "{D}/digits_64px.npz",
+                                 "--inception-weights", "{D}/inception_list.pth"], "does not fit InceptionV3"),
+    "evaluate inception pickle": (["evaluate", "{D}/digits_64px.npz", "--ref", "{D}/digits_64px.npz",
+                                   "--inception-weights", "{D}/inception_pickle.pth"], "not a readable torch"),
+    # nothing a user owns is overwritten, not even with --overwrite when it is an input
+    "inpaint output folder holds the input": (["inpaint", "{D}/edit_out/result_00.png", "--mask", "{D}/mask.png",
+                                               "--generator", "{D}/gen", "--tokenizer", "{D}/tok", "--out",
+                                               "{D}/edit_out", "--num", "1", "--overwrite"], "is the input", 2,
+                                              ["edit_out/result_00.png"]),
+    "sample over a user's file": (["sample", "--generator", "{D}/gen", "--out", "{D}/samples_done"], "already exists",
+                                  2, ["samples_done/tokens.npy"]),
+    "score over an earlier file": (["score", "--generator", "{D}/gen", "--data", "{D}/shards_ok", "--out",
+                                    "{D}/scores.csv"], "--overwrite", 2, ["scores.csv"]),
+    "score failing keeps the earlier file": (["score", "--generator", "{D}/gen", "--data", "{D}/shards_code_500",
+                                              "--out", "{D}/scores.csv", "--overwrite"], "holds code 500", 2,
+                                             ["scores.csv"]),
+    "reconstruct unknown suffix": (["reconstruct", "--tokenizer", "{D}/tok", "--dataset", "digits", "--out",
+                                    "{T}/r.xyz"], "expected an image suffix"),
+    "reconstruct over the user's image": (["reconstruct", "--tokenizer", "{D}/tok", "--dataset", "digits", "--out",
+                                           "{D}/photo.png"], "already exists", 2, ["photo.png"]),
+    # a folder where a file is expected, and the reverse, is said so (not "does not exist")
+    "evaluate samples is a folder": (["evaluate", "{D}/no_images", "--digits"], "is a folder, not a file"),
+    "tokenize data is a file": (["tokenize", "--tokenizer", "{D}/tok", "--data", "{D}/a_file", "--out", "{T}/t"],
+                                "is a file, not a folder"),
+    "inpaint image is a folder": (["inpaint", "{D}/no_images", "--mask", "{D}/mask.png", "--generator", "{D}/gen",
+                                   "--tokenizer", "{D}/tok", "--out", "{T}/i"], "is a folder, not a file"),
+    "score data is a file": (["score", "--generator", "{D}/gen", "--data", "{D}/a_file", "--out", "{T}/s.csv"],
+                             "is a file, not a folder"),
+    "sample generator .bin is a folder": (["sample", "--generator", "{D}/folder.bin", "--out", "{T}/s"],
+                                          "is a folder, not a file"),
+    "app queue size 0": (["app", "--demo", "{D}", "--queue-size", "0"], "--queue-size"),
+    "reconstruct resolution 0": (["reconstruct", "--tokenizer", "{D}/tok", "--dataset", "digits", "--resolution", "0",
+                                  "--out", "{T}/r.png"], "resolution"),
 }
 
 
@@ -146,6 +272,9 @@ def _expand(argv, files, tmp_path):
             out += ["--generator", str(files / "gen"), "--tokenizer", str(files / "tok"), "--out",
                     str(tmp_path / "e.npz"), "--num-classes", "2", "--num-per-class", "1"]
             continue
+        if a.startswith("{S}"):  # token shards of the fixture instead of synthetic data
+            out += ["data.synthetic=false", f"data.path={files / a[3:]}"]
+            continue
         for k, v in subs.items():
             a = a.replace(k, v)
         out.append(a)
@@ -157,13 +286,18 @@ def _expand(argv, files, tmp_path):
 
 @pytest.mark.parametrize("name", list(CLI_CASES))
 def test_cli_bad_input_is_one_clear_error(name, files, tmp_path, capsys):
-    argv, expected = CLI_CASES[name]
+    """Each case: the command, the phrase its one-line error must hold, its exit status (2 unless
+    given) and the user's files that must be byte-identical afterwards."""
+    argv, expected, *rest = CLI_CASES[name]
+    status, unchanged = (rest + [2, []][len(rest):])[:2]
+    before = {f: (files / f).read_bytes() for f in unchanged}
     code, err = run_cli(_expand(argv, files, tmp_path), capsys)
-    OUTCOMES[name] = "traceback" if "Traceback" in err else ("clear" if code == 2 else f"exit {code}")
-    assert code == 2, err
+    OUTCOMES[name] = "traceback" if "Traceback" in err else ("clear" if code == status else f"exit {code}")
+    assert code == status, err
     lines = [line for line in err.strip().splitlines() if line]
     assert lines and "Traceback" not in err and expected in lines[-1], err
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # nothing trained before the error
+    assert {f: (files / f).read_bytes() for f in unchanged} == before  # nothing the user owns was changed
 
 
 def test_generate_rejects_bad_arguments(files):
@@ -280,6 +414,54 @@ def test_train_resume_never_mixes_runs_and_a_finished_run_is_left_alone(files, t
     assert (fresh / "metrics-before-start-over.jsonl").read_text() == '{"step": 1, "loss": 1.0}\n'  # kept aside
     assert (fresh / "eval-before-start-over.jsonl").is_file() and not (fresh / "eval.jsonl").exists()
     OUTCOMES["train resume"] = "clear"
+
+
+def test_an_unforeseen_error_is_one_line_and_debug_shows_the_traceback(files, tmp_path, capsys, monkeypatch):
+    """A failure no check foresaw still reaches the user as one line (exit 1, naming --debug), never
+    a traceback; --debug re-raises it for a report; running out of memory is an input error (2)."""
+    import rar.apps.sample_files as sf
+
+    def broken(*a, **k):
+        raise KeyError("slot")
+
+    monkeypatch.setattr(sf, "prepare", broken)
+    argv = ["sample", "--generator", files / "gen", "--out", tmp_path / "s"]
+    code, err = run_cli(argv, capsys)
+    assert code == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "KeyError" in err and "--debug" in err
+    with pytest.raises(KeyError):
+        main(["--debug", *map(str, argv), "--overwrite"])
+
+    monkeypatch.setattr(sf, "prepare", lambda *a, **k: (_ for _ in ()).throw(MemoryError()))
+    code, err = run_cli([*argv, "--overwrite"], capsys)
+    assert code == 2 and "out of memory" in err and "--batch-size" in err
+    OUTCOMES["unforeseen error"] = "clear"
+
+
+def test_small_temperature_warns_once_and_a_huge_cache_is_refused_before_allocation(files, capsys):
+    from rar.decode.cache import KVCache
+    from rar.model.weights import load_generator
+
+    model = load_generator(files / "gen")
+    with pytest.warns(UserWarning, match="practically greedy"):
+        generate(model, [1, 2], seed=0, temperature=0.01)
+    with pytest.raises(ValueError, match="KV cache of 1000000000000 decoding rows needs about"):
+        KVCache(model.config, 10**12)
+    code, err = run_cli(["sample", "--generator", files / "gen", "--out", files / "t_small", "--temperature", "0.01"],
+                        capsys)
+    assert code == 0 and err.count("rar: warning: temperature 0.01 is below 0.05") == 1, err
+    OUTCOMES["tiny temperature warns"] = OUTCOMES["huge KV cache"] = "clear"
+
+
+def test_editing_api_refuses_a_tokenizer_of_another_codebook(files):
+    from rar.inference.image_editing import inpaint
+    from rar.model.weights import load_generator
+    from rar.tokenizer.vqgan import load_tokenizer
+
+    with pytest.raises(ValueError, match="codebook 128.*does not fit the generator"):
+        inpaint(load_generator(files / "gen"), load_tokenizer(files / "tok128"), torch.rand(3, 32, 32),
+                torch.ones(32, 32, dtype=torch.bool), seed=0)
+    OUTCOMES["inpaint API mismatched tokenizer"] = "clear"
 
 
 def test_sweep_summary():

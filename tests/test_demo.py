@@ -50,3 +50,32 @@ def test_quick_demo_outputs_and_reuse(tmp_path):
     assert second.returncode == 0, second.stderr[-3000:]
     assert [p.stat().st_mtime_ns for p in finished] == stamps  # tokenizer, tokens and RAR reused, not redone
     assert (out / "samples.npz").read_bytes() == npz_bytes
+
+
+def test_demo_interrupted_before_its_first_checkpoint_reruns(tmp_path, monkeypatch, capsys):
+    """Ctrl-C early in the demo's RAR stage leaves a metrics log and no checkpoint: the re-run (which
+    takes no start_over) trains from step 0 and keeps the old log aside, instead of an error."""
+    import json as _json
+
+    import torch
+
+    from rar.apps import demo
+    from rar.tokenizer.vqgan import VQGAN, VQGANConfig, save_tokenizer
+
+    out = tmp_path / "demo"
+    save_tokenizer(VQGAN(VQGANConfig.preset("digits_f4_32")).eval(), out / "tokenizer" / "tokenizer")
+    tokens = out / "tokens"
+    tokens.mkdir(parents=True)
+    np.save(tokens / "tokens-00000-of-00001.npy", (np.arange(64 * 64).reshape(64, 1, 64) % 64).astype(np.uint16))
+    np.save(tokens / "labels-00000-of-00001.npy", np.arange(64) % 10)
+    (tokens / "manifest.json").write_text(_json.dumps({
+        "format": "rar-token-shards", "codebook_size": 64, "grid": [8, 8], "tokens_per_image": 64,
+        "views_per_image": 1, "num_images": 64, "num_classes": 10, "class_names": [str(i) for i in range(10)],
+        "shards": [{"tokens": "tokens-00000-of-00001.npy", "labels": "labels-00000-of-00001.npy", "count": 64}]}))
+    monkeypatch.setattr(demo, "QUICK_RAR", ["max_steps=4", "save_every=2", "batch_size=8", "sample_every=0"])
+    (out / "rar").mkdir()
+    (out / "rar" / "metrics.jsonl").write_text('{"step": 1, "loss": 4.2}\n')  # logged, then Ctrl-C: no checkpoint
+    summary = demo.train_generator_stage(out, quick=True, progress=False)
+    assert summary["steps"] == 4 and torch.isfinite(torch.tensor(summary["final_loss"]))
+    assert [_json.loads(x)["step"] for x in (out / "rar" / "metrics.jsonl").read_text().splitlines()] == [4]  # log_every 20: the last step
+    assert (out / "rar" / "metrics-before-start-over.jsonl").read_text() == '{"step": 1, "loss": 4.2}\n'

@@ -32,9 +32,9 @@ def _cache_file(cache: Path, repo: str, filename: str) -> Path:
 def hub_cache(tmp_path_factory):
     cache = tmp_path_factory.mktemp("hf") / "hub"
     torch.manual_seed(0)
-    gen = RAR(RARConfig(32, 1, 2, 64, num_tokens=16, codebook_size=32)).eval()  # 1000 classes, like RAR-B
+    gen = RAR(RARConfig(32, 1, 2, 64, num_tokens=256, codebook_size=32)).eval()  # 1000 classes, like RAR-B
     torch.save(to_official_state_dict(gen), _cache_file(cache, "yucornetto/RAR", "rar_b.bin"))
-    vq = VQGAN(VQGANConfig(32, (1, 1, 1), 1, 8, 32, 32)).eval()
+    vq = VQGAN(VQGANConfig(32, (1, 1, 1, 1, 1), 1, 8, 256, 32)).eval()  # f16: 16x16 tokens at 256 px, as the pair needs
     torch.save(vq.state_dict(), _cache_file(cache, "fun-research/TiTok", "maskgit-vqgan-imagenet-f16-256.bin"))
     return cache, gen, vq
 

@@ -79,6 +79,19 @@ def test_same_tokens_whatever_the_batching(tiny_official):
     assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("extra", [{}, {"order": "random", "steps": 4}])
+def test_one_seed_per_sample_gives_each_its_lone_tokens(tiny_official, extra):
+    """Requests of several users in one batch (the app under load): row b with seed s_b and index
+    i_b gets exactly the tokens of a lone call with seed s_b (orders and draws alike)."""
+    kw = dict(guidance_scale=4.0, guidance_scale_pow=1.0, temperature=1.0, **extra)
+    lone = [generate(tiny_official, torch.tensor([3, 3]), seed=7, **kw), generate(tiny_official, torch.tensor([5]), seed=8, **kw)]
+    together = generate(tiny_official, torch.tensor([3, 3, 5]), seed=[7, 7, 8], indices=[0, 1, 0], **kw)
+    assert torch.equal(together, torch.cat(lone))
+    for bad, message in (([7, 8], "2 values for 3 samples"), ([7, -1, 8], "seed must be an integer >= 0")):
+        with pytest.raises(ValueError, match=message):
+            generate(tiny_official, torch.tensor([3, 3, 5]), seed=bad, **kw)
+
+
 def test_named_order_greedy_is_consistent_and_raster_layout(tiny_official):
     labels = torch.tensor([2, 7])
     order = named_order("spiral_out", tiny_official.config.grid_size)

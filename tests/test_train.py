@@ -384,3 +384,35 @@ def test_eval_with_samples_is_resume_safe(tmp_path):
     recs = [json.loads(line) for line in a.splitlines()]
     assert [r["step"] for r in recs] == [3, 6, 9, 12]
     assert all(r["sample_fd"] > 0 and 0 <= r["sample_class_accuracy"] <= 1 for r in recs)
+
+
+@pytest.mark.parametrize("failing", ["state.pt", "rng-0.pt"])
+def test_disk_full_during_a_checkpoint_then_resume_logs_the_same_metrics(tmp_path, monkeypatch, failing):
+    """ENOSPC while a file of step 8's checkpoint is written: the run stops with one error, step 4's checkpoint
+    survives (no half-written step 8), and the resumed run's metrics.jsonl equals an uninterrupted
+    run's, record for record (timings aside)."""
+    import errno
+
+    import rar.training.checkpoints as ckpt_mod
+
+    train(small_config(tmp_path / "a"))
+    real_save = torch.save
+
+    def full_disk(obj, path, *a, **k):
+        if Path(path).name == failing and "step-0000008" in str(path):
+            real_save(obj, path, *a, **k)  # part of the file made it to disk ...
+            Path(path).write_bytes(Path(path).read_bytes()[:100])
+            raise OSError(errno.ENOSPC, "No space left on device")  # ... then the disk was full
+        return real_save(obj, path, *a, **k)
+
+    monkeypatch.setattr(ckpt_mod.torch, "save", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        train(small_config(tmp_path / "b"))
+    monkeypatch.setattr(ckpt_mod.torch, "save", real_save)
+    assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").glob("step-*[0-9]")) == ["step-0000004"]
+    train(small_config(tmp_path / "b"))  # space freed: resume from step 4
+
+    def comparable(out):
+        return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in read_metrics(out)]
+
+    assert comparable(tmp_path / "b") == comparable(tmp_path / "a")

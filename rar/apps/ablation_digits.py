@@ -1,7 +1,9 @@
 """The digit evaluation of one ablation run (`rar ablate` with `evaluation: digits`): its
 samples' class accuracy and FD in the demo classifier's features against the held-out digits
-(not FID), its held-out NLL (bits per token) in the order it was trained to end in, and the
-top-half inpainting accuracy of kept-first decoding (what annealing costs in editability)."""
+(not FID), its held-out NLL (bits per token) in the order it was trained to end in, the
+top-half inpainting accuracy of kept-first decoding (what annealing costs in editability), and
+the same sample scores for parallel decoding in random orders at a quarter of the passes
+(`parallel_*`: T/4 passes, four tokens per pass on average; what permuted training buys)."""
 from __future__ import annotations
 
 import math
@@ -39,12 +41,21 @@ def evaluate_run(generator_dir, cfg, context: dict, per_class: int = 50) -> dict
     model = load_generator(generator_dir)
     backend = prepare(model)
     labels = torch.arange(10).repeat_interleave(per_class)
-    tokens = torch.cat([generate(backend, labels[s:s + 250], seed=0, indices=range(s, min(s + 250, len(labels))),
-                                 order=cfg.order) for s in range(0, len(labels), 250)])
-    sampled = score(clf, decode_uint8(vq, tokens), labels.numpy(), ctx["heldout_features"])
+    sampled = _sample_scores(backend, vq, clf, labels, ctx["heldout_features"], order=cfg.order)
+    quarter = _sample_scores(backend, vq, clf, labels, ctx["heldout_features"], order="random",
+                             steps=max(1, model.config.num_tokens // 4))
     nll = log_likelihood(model, ctx["heldout_codes"], torch.as_tensor(data["test_labels"]), orders=cfg.order)
     edit = evaluate_editing(backend, vq, clf, data["test_images"], data["test_labels"], tasks=("top_half",),
                             methods=("kept_first",), conditions=("conditional",))["results"][0]
     return {"fd": sampled["fd"], "class_accuracy": sampled["accuracy"],
             "heldout_bits_per_token": float(nll.mean()) / math.log(2),
-            "inpaint_top_half_accuracy": edit["accuracy"]}
+            "inpaint_top_half_accuracy": edit["accuracy"],
+            "parallel_fd": quarter["fd"], "parallel_class_accuracy": quarter["accuracy"]}
+
+
+def _sample_scores(backend, vq, clf, labels, heldout_features, **decoding) -> dict:
+    """Score (FD, accuracy) of samples of `labels`, drawn in batches of 250 from seed 0 and each index."""
+    n = len(labels)
+    tokens = torch.cat([generate(backend, labels[s:s + 250], seed=0, indices=range(s, min(s + 250, n)), **decoding)
+                        for s in range(0, n, 250)])  # (n, T)
+    return score(clf, decode_uint8(vq, tokens), labels.numpy(), heldout_features)

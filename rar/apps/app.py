@@ -21,7 +21,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..core.checks import check_pair
 from ..core.devices import resolve_device
+from ..core.seeds import resolve_seed
 from ..data.images import center_crop_mask, image_tensor, make_grid, to_uint8
 from ..decode.backend import prepare
 from ..inference import SamplingSettings, generate
@@ -31,7 +33,13 @@ from ..tokenizer.vqgan import load_any_tokenizer
 from .classes import class_names_of
 
 REGIONS = ("brush", "top half", "bottom half", "left half", "right half", "centre")
-MAX_IMAGES = 16
+MAX_IMAGES = 16  # per request
+# Under load: up to MAX_BATCH_REQUESTS waiting Generate requests are served together (Gradio's
+# batched events), their images in network batches of at most MAX_BATCH_ROWS; at most QUEUE_SIZE
+# requests wait, and past that a user is told the app is busy instead of waiting without end.
+MAX_BATCH_REQUESTS = 8
+MAX_BATCH_ROWS = 32
+QUEUE_SIZE = 32
 
 
 @dataclass
@@ -61,6 +69,7 @@ def load_models(generator=None, tokenizer=None, demo=None, device: str = "cpu") 
     dev = resolve_device(device)
     model = load_generator(generator).to(dev)
     vq = load_any_tokenizer(tokenizer).to(dev).eval()
+    check_pair(model, vq, repr(str(generator)), repr(str(tokenizer)))
     names = class_names_of(generator, model.config.num_classes) or [f"class {i}" for i in range(model.config.num_classes)]
     return AppModels(prepare(model), vq, names, str(generator), str(tokenizer))
 
@@ -84,29 +93,104 @@ def _save(images: torch.Tensor, prefix: str, nrow: int = 8) -> tuple[Image.Image
     return grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST), paths
 
 
-def generate_images(models: AppModels, choice, num, guidance_scale, guidance_scale_pow, temperature, seed,
-                    steps=None):
-    """(grid, PNG paths, the reproducing Python call) for the Generate tab; `steps` below the
-    number of tokens decodes in parallel (several tokens per network pass)."""
+@dataclass(frozen=True)
+class GenerateRequest:
+    """One Generate request, checked: its images are rows (label, seed, index 0..num-1)."""
+    label: int
+    num: int
+    seed: int
+    settings: SamplingSettings  # resolved: hashable, so equal settings group into one batch
+
+
+def parse_request(models: AppModels, choice, num, guidance_scale, guidance_scale_pow, temperature, seed,
+                  steps=None) -> GenerateRequest:
+    """The Generate tab's (or the `generate` endpoint's) inputs, each checked (ValueError naming it)."""
     c = _class_id(choice)
     if c is None:
         raise ValueError("choose a class to generate.")
-    num, seed = int(num), int(seed)
-    labels = [c] * num
-    kw = dict(guidance_scale=float(guidance_scale), guidance_scale_pow=float(guidance_scale_pow),
-              temperature=float(temperature), seed=seed)
-    if steps is not None and int(steps) < models.backend.config.num_tokens:
-        kw["steps"] = int(steps)
-    tokens = generate(models.backend, torch.tensor(labels), progress=True, **kw)
-    with torch.inference_mode():
-        images = models.tokenizer.decode(tokens).float()
-    grid, paths = _save(images, f"class{c}_seed{seed}")
+    if not 0 <= c < models.backend.config.num_classes:
+        raise ValueError(f"class {c} is outside 0..{models.backend.config.num_classes - 1}.")
+    num = _whole(num, "number of images")
+    if not isinstance(num, int) or not 1 <= num <= MAX_IMAGES:
+        raise ValueError(f"number of images must be between 1 and {MAX_IMAGES}, got {num}.")
+    T = models.backend.config.num_tokens
+    steps = None if steps is None or int(steps) >= T else int(steps)
+    settings = SamplingSettings(float(guidance_scale), float(guidance_scale_pow), float(temperature),
+                                steps=steps).resolve(models.backend.sampling)
+    return GenerateRequest(c, int(num), resolve_seed(_whole(seed, "seed"), None), settings)
+
+
+def _whole(value, name: str):
+    """A whole number given as int, float or text (Gradio's Number sends floats) as an int; anything
+    else is returned unchanged for the caller's own check to name."""
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a whole number, got {value!r}.") from None
+    return int(f) if f.is_integer() else value
+
+
+def generate_requests(models: AppModels, requests: list[GenerateRequest]) -> list[torch.Tensor]:
+    """Images (num, 3, H, W) per request. Requests with equal settings decode together, in batches of
+    at most MAX_BATCH_ROWS images; each row keeps its own (seed, index), so every request gets
+    exactly the images it would get alone (`rar.generate` with one seed per sample)."""
+    out: list = [None] * len(requests)
+    groups: dict = {}
+    for k, r in enumerate(requests):
+        groups.setdefault(r.settings, []).append(k)
+    for settings, ks in groups.items():
+        labels = torch.tensor([requests[k].label for k in ks for _ in range(requests[k].num)])  # (N,)
+        seeds = [requests[k].seed for k in ks for _ in range(requests[k].num)]
+        indices = [i for k in ks for i in range(requests[k].num)]
+        images = []
+        for s in range(0, len(labels), MAX_BATCH_ROWS):
+            e = s + MAX_BATCH_ROWS
+            tokens = generate(models.backend, labels[s:e], settings=settings, seed=seeds[s:e], indices=indices[s:e])
+            with torch.inference_mode():
+                images.append(models.tokenizer.decode(tokens).float())
+        for k, part in zip(ks, torch.cat(images).split([requests[k].num for k in ks])):
+            out[k] = part
+    return out
+
+
+def _generate_result(models: AppModels, r: GenerateRequest, images: torch.Tensor):
+    """(grid, PNG paths, the Python call that reproduces the request)."""
+    grid, paths = _save(images, f"class{r.label}_seed{r.seed}")
+    kw = dict(guidance_scale=r.settings.guidance_scale, guidance_scale_pow=r.settings.guidance_scale_pow,
+              temperature=r.settings.temperature, seed=r.seed, **({"steps": r.settings.steps} if r.settings.steps else {}))
     code = (f"import rar, torch\n\nmodel = rar.from_pretrained({models.generator_ref!r})\n"
             f"tokenizer = rar.from_pretrained({models.tokenizer_ref!r})\n"
-            f"tokens = rar.generate(model, torch.tensor({labels}), "
+            f"tokens = rar.generate(model, torch.tensor({[r.label] * r.num}), "
             + ", ".join(f"{k}={v!r}" for k, v in kw.items()) + ")\n"
             "images = tokenizer.decode(tokens)  # (N, 3, H, W) in [0, 1]\n")
     return grid, paths, code
+
+
+def generate_images(models: AppModels, choice, num, guidance_scale, guidance_scale_pow, temperature, seed,
+                    steps=None):
+    """(grid, PNG paths, the reproducing Python call) of one Generate request; `steps` below the
+    number of tokens decodes in parallel (several tokens per network pass)."""
+    r = parse_request(models, choice, num, guidance_scale, guidance_scale_pow, temperature, seed, steps)
+    return _generate_result(models, r, generate_requests(models, [r])[0])
+
+
+def generate_batch(models: AppModels, *columns):
+    """Gradio's batched `generate` event: column j holds input j of every waiting request. Returns
+    (grids, paths, codes), one entry per request. A bad request alone is an error message; within
+    a batch it answers with its message in the code output and the others still run."""
+    n = len(columns[0])
+    parsed: list = []
+    for k in range(n):
+        try:
+            parsed.append(parse_request(models, *(c[k] for c in columns)))
+        except ValueError as err:
+            if n == 1:
+                raise
+            parsed.append(f"# error: {err}")
+    valid = [r for r in parsed if isinstance(r, GenerateRequest)]
+    images = iter(generate_requests(models, valid))
+    results = [(None, None, r) if isinstance(r, str) else _generate_result(models, r, next(images)) for r in parsed]
+    return tuple(list(col) for col in zip(*results))
 
 
 def region_mask(region: str, size: int) -> np.ndarray:
@@ -195,8 +279,9 @@ def _steps_slider(gr, models: AppModels, elem_id: str):
                      label=f"network passes ({T}: one per token; fewer: several tokens per pass)")
 
 
-def build_app(models: AppModels):
-    """The Gradio Blocks of the two tabs (not launched)."""
+def build_app(models: AppModels, queue_size: int = QUEUE_SIZE):
+    """The Gradio Blocks of the two tabs (not launched), with the named API endpoints `generate`
+    and `edit` (README: calling them with gradio_client)."""
     import gradio as gr  # lazy: gradio is the optional extra rar[app]
 
     d = models.backend.sampling
@@ -243,19 +328,28 @@ def build_app(models: AppModels):
             egrid = gr.Image(label="results", type="pil", elem_id="edit-grid", height=280)
             efiles = gr.File(label="PNG files", file_count="multiple")
 
-        def run_generate(c, n, gs, gp, tt, sd, st, progress=gr.Progress(track_tqdm=True)):
-            out = generate_images(models, c, n, gs, gp, tt, sd, st)
-            return (*out, out[1])
+        def run_generate(*columns):
+            return generate_batch(models, *columns)
 
-        go.click(_guarded(run_generate), [cls, num, g, p, t, seed, steps], [grid, files, code, last])
-        dice.click(lambda: random.randrange(2**31), None, seed)
-        take.click(_guarded(_first), last, editor)
+        # the named endpoint /generate: waiting requests are served together (one decode batch per
+        # sampling setting), each still gets exactly the images of a lone request
+        go.click(_guarded(run_generate), [cls, num, g, p, t, seed, steps], [grid, files, code], api_name="generate",
+                 batch=True, max_batch_size=MAX_BATCH_REQUESTS).then(_paths, files, last, queue=False,
+                                                                       api_visibility="private")
+        dice.click(lambda: random.randrange(2**31), None, seed, api_visibility="private")
+        take.click(_guarded(_first), last, editor, api_visibility="private")
 
         def run_edit(v, r, c, m, sdd, a, meth, n, sd, st, progress=gr.Progress(track_tqdm=True)):
             return edit_images(models, v, r, c, m, sdd, a, meth, n, sd, st)
         inputs = [editor, region, ecls, mode, side, amount, method, enum, eseed, esteps]
-        erun.click(_guarded(run_edit), inputs, [egrid, efiles])
-    return app.queue(default_concurrency_limit=1)  # one job at a time; the others wait in the queue
+        erun.click(_guarded(run_edit), inputs, [egrid, efiles], api_name="edit")  # one edit at a time
+    # one job at a time, at most `queue_size` waiting: past it Gradio answers "the queue is full" at once
+    return app.queue(default_concurrency_limit=1, max_size=queue_size)
+
+
+def _paths(files) -> list[str]:
+    """The Generate result's PNG paths (the File component's value), kept for "take the first image"."""
+    return [f if isinstance(f, str) else getattr(f, "path", getattr(f, "name", str(f))) for f in files or []]
 
 
 def _first(paths: list[str]):
@@ -264,7 +358,8 @@ def _first(paths: list[str]):
     return paths[0]
 
 
-def serve(models: AppModels, port: int | None = None, host: str = "127.0.0.1", share: bool = False) -> None:
+def serve(models: AppModels, port: int | None = None, host: str = "127.0.0.1", share: bool = False,
+          queue_size: int = QUEUE_SIZE) -> None:
     """Build and launch the app (blocks until interrupted)."""
-    build_app(models).launch(server_name=host, server_port=port, share=share, max_file_size="20mb",
+    build_app(models, queue_size).launch(server_name=host, server_port=port, share=share, max_file_size="20mb",
                              show_error=True, ssr_mode=False)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from .cli_data import DATA_COMMANDS
@@ -129,6 +130,7 @@ def _add_sample(sub) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--out", default="samples")
+    p.add_argument("--overwrite", action="store_true", help="replace output files that already exist (refused otherwise)")
     p.set_defaults(func=_run_sample)
 
 
@@ -138,7 +140,8 @@ def _run_sample(args) -> None:
     summary = sample_to_folder(
         args.generator, args.out, classes=args.classes, class_names=args.class_names, num_per_class=args.num_per_class, seed=args.seed,
         tokenizer=args.tokenizer, preset=args.preset, batch_size=args.batch_size, device=args.device,
-        dtype=args.dtype, order=args.order, refine=_refine_settings(args), settings=_sampling_settings(args))
+        dtype=args.dtype, order=args.order, refine=_refine_settings(args), settings=_sampling_settings(args),
+        overwrite=args.overwrite)
     print(summary)
 
 
@@ -201,6 +204,7 @@ def _add_edit_flags(p) -> None:
     p.add_argument("--class-names", default=None, help="text file with one class name per line, in class-id order")
     p.add_argument("--num", type=int, default=4, help="number of results")
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace output files that already exist (refused otherwise)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-paste-back", dest="paste_back", action="store_false",
                    help="keep the raw decode instead of pasting the known pixels back")
@@ -217,7 +221,8 @@ def _add_edit_flags(p) -> None:
 def _edit_kwargs(args) -> dict:
     return dict(generator=args.generator, tokenizer=args.tokenizer, label=args.label, class_names=args.class_names,
                 num=args.num, seed=args.seed, paste_back=args.paste_back, kept_first=args.kept_first,
-                order=args.order, device=args.device, dtype=args.dtype, settings=_sampling_settings(args))
+                order=args.order, device=args.device, dtype=args.dtype, settings=_sampling_settings(args),
+                overwrite=args.overwrite)
 
 
 def _add_inpaint(sub) -> None:
@@ -256,6 +261,7 @@ def _add_score(sub) -> None:
     p.add_argument("--data", required=True,
                    help="token shards (rar tokenize), an image folder with class subfolders, or a flat image folder")
     p.add_argument("--out", default="scores.csv")
+    p.add_argument("--overwrite", action="store_true", help="replace output files that already exist (refused otherwise)")
     p.add_argument("--orders", default="raster", help="raster, a scan-order name, or random")
     p.add_argument("--num-orders", type=int, default=1, help="random orders to average (the mixture's likelihood)")
     p.add_argument("--seed", type=int, default=0, help="draws the random orders")
@@ -271,7 +277,7 @@ def _run_score(args) -> None:
 
     print(score_to_csv(args.generator, args.data, args.out, tokenizer=args.tokenizer, orders=args.orders,
                        num_orders=args.num_orders, seed=args.seed, classify_images=args.classify_images,
-                       batch_size=args.batch_size, device=args.device))
+                       batch_size=args.batch_size, device=args.device, overwrite=args.overwrite))
 
 
 def _add_ablate(sub) -> None:
@@ -302,10 +308,14 @@ def _add_app(sub) -> None:
     p.add_argument("--port", type=int, default=None, help="default: Gradio's (7860, or the next free port)")
     p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve other machines")
     p.add_argument("--device", default="auto")
+    p.add_argument("--queue-size", type=int, default=32,
+                   help="requests that may wait; past it a user is told the app is busy (default 32)")
     p.set_defaults(func=_run_app)
 
 
 def _run_app(args) -> None:
+    if args.queue_size < 1:
+        raise CLIError(f"--queue-size must be a positive integer, got {args.queue_size}.")
     try:
         import gradio  # noqa: F401  (lazy: gradio is the optional extra rar[app])
     except ImportError:
@@ -314,7 +324,7 @@ def _run_app(args) -> None:
 
     models = load_models(args.generator, args.tokenizer, args.demo, args.device)
     print(f"rar app: serving {models.generator_ref} with {models.tokenizer_ref} on http://{args.host}:{args.port or 7860}")
-    serve(models, port=args.port, host=args.host)
+    serve(models, port=args.port, host=args.host, queue_size=args.queue_size)
 
 
 def _add_demo(sub) -> None:
@@ -345,12 +355,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one line for a user ("warning: ..."), not Python's file:line form."""
+    print(f"rar: warning: {message}", file=file or sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    with warnings.catch_warnings():
+        warnings.showwarning = _one_line_warning
+        return _run(args)
+
+
+def _run(args) -> int:
+    """Run the command: a user error is one line and exit status 2, never a traceback (--debug shows it)."""
     try:
         args.func(args)
     except (CLIError, ValueError, OSError, FloatingPointError) as err:  # bad input, an unusable file or NaNs
@@ -362,6 +384,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rar {args.command}: interrupted; finished work is kept, the same command resumes it.",
               file=sys.stderr)
         return 130
+    except Exception as err:  # noqa: BLE001 - a case no check foresaw: still one line, the traceback with --debug
+        if args.debug:
+            raise
+        if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError" or "can't allocate memory" in str(err):
+            print(f"rar {args.command}: error: out of memory ({str(err).splitlines()[0] if str(err) else 'no detail'}); "
+                  "use a smaller --batch-size or fewer samples.", file=sys.stderr)
+            return 2
+        print(f"rar {args.command}: error: {type(err).__name__}: {err} (a case rar does not check yet, or a bug; "
+              "run again with --debug for the traceback, and please report it).", file=sys.stderr)
+        return 1
     return 0
 
 

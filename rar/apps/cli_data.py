@@ -103,6 +103,7 @@ def _add_reconstruct(sub) -> None:
     p.add_argument("--num", type=int, default=16)
     p.add_argument("--resolution", type=int, default=None)
     p.add_argument("--out", default="reconstructions.png")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (refused otherwise)")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_run_reconstruct)
 
@@ -111,7 +112,7 @@ def _run_reconstruct(args) -> None:
     from ..tokenizer.training import reconstruct
 
     res = reconstruct(args.tokenizer, args.out, data=args.data, dataset=args.dataset, n=args.num,
-                      resolution=args.resolution, device=args.device)
+                      resolution=args.resolution, device=args.device, overwrite=args.overwrite)
     print(f"PSNR {res['psnr']:.2f} dB over {res['images']} images, codebook usage "
           f"{100 * res['codebook_usage']:.1f}%; grid in {res.get('grid', args.out)}")
 

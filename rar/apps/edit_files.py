@@ -11,13 +11,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..core.checks import check_counts
+from ..core.checks import check_counts, check_pair
 from ..core.devices import resolve_device
-from ..core.files import ensure_writable_dir
+from ..core.files import check_outputs, ensure_writable_dir, require_path
 from ..data.images import center_crop_mask, image_tensor, load_rgb, make_grid, save_images, to_uint8
 from ..decode.backend import prepare
 from ..inference.editing import SCHEDULES
-from ..inference.image_editing import inpaint, outpaint, parse_extend
+from ..inference.image_editing import check_canvas, inpaint, outpaint, parse_extend
 from ..inference.sampler import SamplingSettings, check_plan
 from ..model.weights import load_generator
 from ..tokenizer.vqgan import load_any_tokenizer
@@ -27,8 +27,7 @@ from .classes import class_names_of, parse_classes, read_class_names
 def read_image(path, resolution: int) -> tuple[torch.Tensor, tuple[int, int]]:
     """An image file, center-cropped and resized to `resolution` as in training: (3, R, R) in
     [0, 1], and the file's (width, height)."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"image {str(path)!r} does not exist.")
+    require_path(path, "image", "file", "an image file (PNG, JPEG, ...)")
     try:
         img = load_rgb(path)
     except Exception as err:  # PIL raises several types for a file that is not an image
@@ -38,8 +37,7 @@ def read_image(path, resolution: int) -> tuple[torch.Tensor, tuple[int, int]]:
 
 def read_mask(path, image_size: tuple[int, int], resolution: int) -> torch.Tensor:
     """A mask file of the image's size (white = regenerate) -> bool (R, R), cropped as the image."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"mask {str(path)!r} does not exist.")
+    require_path(path, "mask", "file", "an image of the image's size, white = regenerate")
     try:
         with Image.open(path) as m:
             mask = m.convert("L")
@@ -66,6 +64,7 @@ def _load(generator, tokenizer, device, dtype):
     device = resolve_device(device)
     model = load_generator(generator).to(device=device, dtype=getattr(torch, dtype))
     vq = load_any_tokenizer(tokenizer).to(device).eval()
+    check_pair(model, vq, repr(str(generator)), repr(str(tokenizer)))
     return model, vq
 
 
@@ -86,6 +85,14 @@ def _recorded(options: dict) -> dict:
             **settings}
 
 
+def _output_folder(out_dir, num: int, paste_back: bool, overwrite: bool, inputs) -> Path:
+    """The output folder, made writable, after checking every file `_write` will put there."""
+    names = [f"result_{i:02d}.png" for i in range(num)]
+    names += [f"raw/{n}" for n in names] if paste_back else []
+    check_outputs([Path(out_dir) / n for n in [*names, "grid.png", "edit.json"]], overwrite=overwrite, inputs=inputs)
+    return ensure_writable_dir(out_dir, "output folder")
+
+
 def _write(out: Path, result: dict, first: list[torch.Tensor], settings: dict, seconds: float) -> str:
     pics = to_uint8(result["images"])
     paths = save_images(pics, out, [f"result_{i:02d}" for i in range(len(pics))])
@@ -100,7 +107,7 @@ def _write(out: Path, result: dict, first: list[torch.Tensor], settings: dict, s
 def inpaint_files(image, mask, out_dir, *, generator, tokenizer, label=None, class_names=None, num: int = 4,
                   dilate: int = 0, paste_back: bool = True, seed: int = 0, device: str = "cpu",
                   dtype: str = "float32", settings: SamplingSettings | None = None, order=None,
-                  kept_first: bool = True, schedule_over: str = "sequence") -> str:
+                  kept_first: bool = True, schedule_over: str = "sequence", overwrite: bool = False) -> str:
     """`rar inpaint`: writes result_NN.png, raw/ (the decodes before pasting back), grid.png
     (original | masked | results) and edit.json. Returns a summary line."""
     check_counts(num=num)
@@ -112,7 +119,7 @@ def inpaint_files(image, mask, out_dir, *, generator, tokenizer, label=None, cla
     m = read_mask(mask, size, res)
     c = parse_class(label, generator, model.config.num_classes, class_names)
     options = _edit_options(model, settings, order, kept_first, schedule_over)
-    out = ensure_writable_dir(out_dir, "output folder")
+    out = _output_folder(out_dir, num, paste_back, overwrite, [image, mask])
     t0 = time.perf_counter()
     r = inpaint(prepare(model), vq, img, m, c, num=num, dilate=dilate, paste=paste_back, seed=seed, **options)
     settings = {"command": "inpaint", "image": str(image), "mask": str(mask), "class": c, "num": num,
@@ -124,16 +131,17 @@ def inpaint_files(image, mask, out_dir, *, generator, tokenizer, label=None, cla
 def outpaint_files(image, extend, out_dir, *, generator, tokenizer, label=None, class_names=None, num: int = 4,
                    paste_back: bool = True, seed: int = 0, device: str = "cpu", dtype: str = "float32",
                    settings: SamplingSettings | None = None, order=None, kept_first: bool = True,
-                   schedule_over: str = "sequence") -> str:
+                   schedule_over: str = "sequence", overwrite: bool = False) -> str:
     """`rar outpaint`: writes result_NN.png (the grown canvas), raw/, grid.png (original on the
     grown canvas | results) and edit.json. Returns a summary line."""
     check_counts(num=num)
     sides = parse_extend(extend)
     model, vq = _load(generator, tokenizer, device, dtype)
+    check_canvas(sides, model.config.grid_size)
     img, _ = read_image(image, vq.config.resolution)
     c = parse_class(label, generator, model.config.num_classes, class_names)
     options = _edit_options(model, settings, order, kept_first, schedule_over)
-    out = ensure_writable_dir(out_dir, "output folder")
+    out = _output_folder(out_dir, num, paste_back, overwrite, [image])
     t0 = time.perf_counter()
     r = outpaint(prepare(model), vq, img, sides, c, num=num, paste=paste_back, seed=seed, **options)
     h, w = r["images"].shape[-2:]

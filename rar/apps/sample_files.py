@@ -2,15 +2,16 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..core.checks import check_counts
-from ..core.devices import resolve_device
-from ..core.files import ensure_writable_dir
+from ..core.checks import check_counts, check_pair
+from ..core.devices import check_memory, resolve_device
+from ..core.files import check_outputs, ensure_writable_dir
 from ..data.images import save_grid, save_images, to_uint8
 from ..decode.backend import DecodeBackend, prepare
 from ..inference.refinement import RefineSettings, apply_refine
@@ -44,10 +45,11 @@ def sample_to_folder(generator_path, out_dir, *, classes: str = "0", class_names
                      seed: int = 0, tokenizer=None, preset: str | None = None, batch_size: int = 16,
                      device: str = "cpu", dtype: str = "float32", progress: bool = True,
                      refine: RefineSettings | None = None, settings: SamplingSettings | None = None,
-                     order=None) -> str:
+                     order=None, overwrite: bool = False) -> str:
     """Sample `num_per_class` images of each class; writes tokens.npy, labels.npy and, with a
     tokenizer, grid.png (one row per class) and images/NNNNN_class-C.png. Returns a summary line.
-    Every argument is checked, and the output folder made writable, before any sampling."""
+    Every argument is checked, and the output folder made writable, before any sampling; files
+    that exist there are replaced only with `overwrite`."""
     check_counts(num_per_class=num_per_class, batch_size=batch_size)
     device = resolve_device(device)
     model = load_generator(generator_path).to(device=device, dtype=getattr(torch, dtype))  # our own copy
@@ -61,10 +63,19 @@ def sample_to_folder(generator_path, out_dir, *, classes: str = "0", class_names
     check_plan(model, settings, order)
     names = read_class_names(class_names) if class_names else class_names_of(generator_path, model.config.num_classes)
     ids = parse_classes(classes, model.config.num_classes, names)
+    vq = None if tokenizer is None else load_any_tokenizer(tokenizer).to(device).eval()
+    if vq is not None:
+        check_pair(model, vq, repr(str(generator_path)), repr(str(tokenizer)))
+    per_image = model.config.num_tokens * 8 + (5 * 3 * vq.config.resolution ** 2 if vq is not None else 0)
+    n = len(ids) * num_per_class
+    check_memory(n * per_image, "cpu", f"keeping {n} samples (tokens and images) until they are written",
+                 "use fewer classes or a smaller --num-per-class, or rar sample-eval (written in chunks)")
     labels = torch.tensor(ids).repeat_interleave(num_per_class)  # (N,)
+    files = [f"images/{i:05d}_class-{int(c)}.png" for i, c in enumerate(labels)] + ["grid.png"] if vq is not None else []
+    check_outputs([Path(out_dir) / f for f in ["tokens.npy", "labels.npy", *files]], overwrite=overwrite,
+                  inputs=[generator_path, tokenizer])
     out = ensure_writable_dir(out_dir, "output folder")
     backend = prepare(model)  # once, not per batch
-    vq = None if tokenizer is None else load_any_tokenizer(tokenizer).to(device).eval()
     tokens, images, t0 = [], [], time.perf_counter()
     with tqdm(total=len(labels), desc="sample", unit="img", disable=not progress) as bar:
         for _, tok, pics in sample_batches(backend, labels, range(len(labels)), settings=settings, seed=seed,

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..core.checks import check_counts
+from ..core.checks import check_counts, check_pair
 from ..core.files import ensure_writable_dir
 from ..data.images import to_uint8
 from ..decode.backend import DecodeBackend
@@ -127,6 +127,7 @@ def sample_eval(model, tokenizer, out_npz, *, num_per_class: int = 50, num_class
     total, n_chunks = num_classes * num_per_class, -(-num_classes * num_per_class // chunk_size)
     settings = with_overrides(settings, guidance_scale, guidance_scale_pow, temperature, top_k, top_p)
     check_plan(model.model if isinstance(model, DecodeBackend) else model, settings, order)  # before any work
+    check_pair(model, tokenizer)
     backend = as_backend(model)  # prepared once, not per batch; it knows the dtype decoding runs in
     wanted = eval_settings(backend, tokenizer, num_classes=num_classes, num_per_class=num_per_class, seed=seed,
                            chunk_size=chunk_size, settings=settings, order=order, refine=refine)

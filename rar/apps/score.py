@@ -11,9 +11,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..core.checks import check_counts
+from ..core.checks import check_counts, check_pair
 from ..core.devices import resolve_device
-from ..core.files import ensure_writable_dir
+from ..core.files import check_outputs, ensure_writable_dir, require_path, write_atomic
 from ..data.images import IMAGE_EXTENSIONS, image_tensor, list_image_folder, load_rgb
 from ..data.shards import TokenShards
 from ..inference.likelihood import classify, log_likelihood, likelihood_orders
@@ -31,9 +31,7 @@ def read_data(data, tokenizer) -> tuple[list[str], torch.Tensor | None, np.ndarr
     """(names, tokens or None, labels or None, image paths or None) of token shards (a folder with
     manifest.json: tokens and labels), an ImageNet-layout folder (labels from the class
     subfolders) or a flat folder of images (no labels)."""
-    root = Path(data)
-    if not root.is_dir():
-        raise FileNotFoundError(f"data {str(root)!r} does not exist: expected an image folder or token shards.")
+    root = require_path(data, "data", "folder", "an image folder or token shards")
     if (root / "manifest.json").is_file():
         shards = TokenShards(root)
         tokens = torch.from_numpy(np.stack([np.asarray(shards[i][0]).reshape(shards.views, -1)[0]
@@ -56,44 +54,52 @@ def _encode(tokenizer, paths: list[Path], resolution: int, device) -> torch.Tens
 
 def score_to_csv(generator, data, out_csv, *, tokenizer=None, orders: str = "raster", num_orders: int = 1,
                  seed: int = 0, classify_images: bool | None = None, batch_size: int = 32, device: str = "cpu",
-                 progress: bool = True) -> str:
+                 progress: bool = True, overwrite: bool = False) -> str:
     """Write one CSV row per image: its name, label (if the data has them), NLL in bits per token
     (under its label, else unconditional), and with classification the predicted class, its
     probability and the label's. `classify_images=None` classifies when the generator has at
-    most 100 classes (each class costs one forward pass per image and order). Returns a summary."""
+    most 100 classes (each class costs one forward pass per image and order). An existing CSV is
+    replaced only with `overwrite`, and only once the new one is complete. Returns a summary."""
     check_counts(batch_size=batch_size, num_orders=num_orders)
+    out = Path(out_csv)
+    check_outputs([out], overwrite=overwrite, inputs=[data, generator, tokenizer])
     device = resolve_device(device)
     model = load_generator(generator).to(device).eval()
     likelihood_orders(orders, num_orders, seed, 1, model)  # a bad order fails before any work
     vq = None
     if tokenizer is not None:
         vq = load_any_tokenizer(tokenizer).to(device).eval()
+        check_pair(model, vq, repr(str(generator)), repr(str(tokenizer)))
     names, tokens, labels, paths = read_data(data, vq)
     C = model.config.num_classes
     do_classify = C <= CLASSIFY_MAX_CLASSES if classify_images is None else classify_images
-    out = Path(out_csv)
     ensure_writable_dir(out.parent if str(out.parent) else Path("."), "output folder")
 
     kw = dict(orders=orders, num_orders=num_orders, seed=seed)
-    t0, total_bits, correct = time.perf_counter(), 0.0, 0
-    with open(out, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["image", "label", "nll_bits_per_token"] + (["predicted_class", "predicted_probability",
-                                                              "label_probability"] if do_classify else []))
-        for s in tqdm(range(0, len(names), batch_size), desc="score", unit="batch", disable=not progress):
-            e = min(s + batch_size, len(names))
-            tok = tokens[s:e].to(device) if tokens is not None else _encode(vq, paths[s:e], vq.config.resolution, device)
-            lab = torch.as_tensor(labels[s:e], device=device) if labels is not None else torch.full((e - s,), C, device=device)
-            bits = (log_likelihood(model, tok, lab, **kw) / math.log(2)).tolist()
-            post = classify(model, tok, **kw) if do_classify else None
-            for i in range(e - s):
-                row = [names[s + i], "" if labels is None else int(labels[s + i]), f"{bits[i]:.5f}"]
-                if post is not None:
-                    p, c = post[i].max(0)
-                    row += [int(c), f"{float(p):.5f}", "" if labels is None else f"{float(post[i, int(labels[s + i])]):.5f}"]
-                    correct += int(labels is not None and int(c) == int(labels[s + i]))
-                w.writerow(row)
-            total_bits += sum(bits)
+    t0, total = time.perf_counter(), {"bits": 0.0, "correct": 0}
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["image", "label", "nll_bits_per_token"] + (["predicted_class", "predicted_probability",
+                                                                  "label_probability"] if do_classify else []))
+            for s in tqdm(range(0, len(names), batch_size), desc="score", unit="batch", disable=not progress):
+                e = min(s + batch_size, len(names))
+                tok = tokens[s:e].to(device) if tokens is not None else _encode(vq, paths[s:e], vq.config.resolution, device)
+                lab = torch.as_tensor(labels[s:e], device=device) if labels is not None else torch.full((e - s,), C, device=device)
+                bits = (log_likelihood(model, tok, lab, **kw) / math.log(2)).tolist()
+                post = classify(model, tok, **kw) if do_classify else None
+                for i in range(e - s):
+                    row = [names[s + i], "" if labels is None else int(labels[s + i]), f"{bits[i]:.5f}"]
+                    if post is not None:
+                        p, c = post[i].max(0)
+                        row += [int(c), f"{float(p):.5f}", "" if labels is None else f"{float(post[i, int(labels[s + i])]):.5f}"]
+                        total["correct"] += int(labels is not None and int(c) == int(labels[s + i]))
+                    w.writerow(row)
+                total["bits"] += sum(bits)
+
+    write_atomic(out, write)
+    total_bits, correct = total["bits"], total["correct"]
     line = (f"{len(names)} images scored in {time.perf_counter() - t0:.1f} s: mean {total_bits / len(names):.4f} bits per "
             f"token ({orders}{f', {num_orders} orders' if orders == 'random' else ''})")
     if do_classify and labels is not None:

@@ -3,8 +3,14 @@ names the input, the value and what was expected."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
+
+# Temperatures: below GREEDY_TEMPERATURE the draw is practically an argmax (a warning); below
+# MIN_TEMPERATURE logits / temperature can overflow float32 and the draws degenerate (refused).
+GREEDY_TEMPERATURE = 0.05
+MIN_TEMPERATURE = 1e-6
 
 
 def check_counts(**counts) -> None:
@@ -36,6 +42,13 @@ def check_sampling_values(guidance_scale: float, guidance_scale_pow: float, temp
             raise ValueError(f"{owner}{name} must be a finite number, got {value!r}.")
     if temperature <= 0:
         raise ValueError(f"{owner}temperature must be positive, got {temperature}.")
+    if temperature < MIN_TEMPERATURE:  # logits / temperature overflow float32: the draws turn into NaN
+        raise ValueError(f"{owner}temperature must be at least {MIN_TEMPERATURE:g}, got {temperature:g}; for greedy "
+                         "decoding use top_k=1.")
+    if temperature < GREEDY_TEMPERATURE:
+        warnings.warn(f"{owner}temperature {temperature:g} is below {GREEDY_TEMPERATURE:g}: sampling is practically "
+                      "greedy, so the samples of a class will be (nearly) alike; top_k=1 says so explicitly.",
+                      stacklevel=2)
     if guidance_scale_pow < 0:
         raise ValueError(f"{owner}guidance_scale_pow must be non-negative, got {guidance_scale_pow}.")
     if top_k is not None and (isinstance(top_k, bool) or not finite(top_k) or int(top_k) != top_k or top_k < 1):
@@ -92,3 +105,21 @@ def check_indices(indices, batch_size: int) -> list[int]:
     if len(indices) != batch_size:
         raise ValueError(f"indices has {len(indices)} entries for {batch_size} samples; give one index per sample.")
     return list(indices)
+
+
+def check_tokenizer_fits(target: str, codebook_size: int, num_tokens: int, tokenizer: str,
+                         tokenizer_codebook: int, tokenizer_tokens: int) -> None:
+    """A generator (or token shards, the `target`, e.g. "generator 'runs/x'") and a tokenizer work
+    together only with the same codebook and the same number of tokens per image; checked when both
+    are known, before any work (never after sampling or training)."""
+    if (codebook_size, num_tokens) != (tokenizer_codebook, tokenizer_tokens):
+        raise ValueError(f"{tokenizer} (codebook {tokenizer_codebook}, {tokenizer_tokens} tokens per image) does not "
+                         f"fit {target} (codebook {codebook_size}, {num_tokens} tokens per image); use the tokenizer "
+                         "that made its tokens.")
+
+
+def check_pair(model, vq, generator_name: str = "", tokenizer_name: str = "") -> None:
+    """`check_tokenizer_fits` for a loaded generator (or decode backend) and tokenizer."""
+    g, t = model.config, vq.config
+    check_tokenizer_fits(f"the generator {generator_name}".rstrip(), g.codebook_size, g.num_tokens,
+                         f"the tokenizer {tokenizer_name}".rstrip(), t.codebook_size, t.num_tokens)

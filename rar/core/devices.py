@@ -61,3 +61,29 @@ def keep_freed_memory() -> bool:
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
     return bool(mallopt(M_MMAP_THRESHOLD, 1 << 30) or mallopt(M_MMAP_THRESHOLD, 32 << 20)) \
         and bool(mallopt(M_TRIM_THRESHOLD, 1 << 30))
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes that can still be allocated on `device`: the free memory of a GPU, MemAvailable of a
+    Linux host, None where unknown (no check is made then)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_memory(needed: int, device, what: str, hint: str) -> None:
+    """Before a large allocation: a ValueError of one sentence when `needed` bytes exceed what the
+    device has free (Linux would otherwise overcommit and kill the process later)."""
+    free = available_memory(torch.device(device) if device is not None else torch.device("cpu"))
+    if free is not None and needed > free:
+        raise ValueError(f"{what} needs about {needed / 2**30:.1f} GiB of memory, but {free / 2**30:.1f} GiB is free on "
+                         f"{device or 'cpu'}; {hint}.")

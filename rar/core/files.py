@@ -18,6 +18,20 @@ import torch
 from safetensors.torch import load_file, save_file
 
 
+def require_path(path, what: str, kind: str, expected: str = "") -> Path:
+    """`path` as a Path when it is a `kind` ("file" or "folder"); else FileNotFoundError for a missing
+    path, ValueError for the other kind, each naming `what` and ending with `expected`."""
+    p = Path(path)
+    tail = f"; expected {expected}" if expected else ""
+    if not p.exists():
+        raise FileNotFoundError(f"{what} {str(p)!r} does not exist{tail}.")
+    if kind == "file" and p.is_dir():
+        raise ValueError(f"{what} {str(p)!r} is a folder, not a file{tail}.")
+    if kind == "folder" and not p.is_dir():
+        raise ValueError(f"{what} {str(p)!r} is a file, not a folder{tail}.")
+    return p
+
+
 def read_state_dict(path_or_state_dict, what: str, hint: str = "") -> dict[str, torch.Tensor]:
     """A state dict from an official file (or a dict), unwrapped from {"state_dict": ...} or
     {"model": ...} and without DDP's "module." prefixes. `hint` ends the missing-file message."""
@@ -25,6 +39,8 @@ def read_state_dict(path_or_state_dict, what: str, hint: str = "") -> dict[str, 
         sd = dict(path_or_state_dict)
     else:
         path = Path(path_or_state_dict)
+        if path.is_dir():
+            raise ValueError(f"{what} {str(path)!r} is a folder, not a file{hint}.")
         if not path.is_file():
             raise FileNotFoundError(f"{what} {str(path)!r} does not exist{hint}.")
         try:
@@ -72,6 +88,11 @@ def load_strict(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], what: st
     """Check `sd` against the model's own keys and shapes, then load it."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     check_state_dict(sd, expected, what)
+    for k in expected:  # NaN / inf weights (a diverged run, a damaged file) would make noise, not images
+        t = sd[k]
+        if t.is_floating_point() and not t.is_meta and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{what}: key {k!r} holds NaN or infinite values; expected finite weights (the file "
+                             "comes from a diverged run or is damaged).")
     model.load_state_dict({k: sd[k] for k in expected}, strict=True, assign=assign)
 
 
@@ -89,6 +110,43 @@ def ensure_writable_dir(path: str | os.PathLike, what: str) -> Path:
     except OSError as err:
         raise ValueError(f"{what} {str(p)!r} is not writable ({err.strerror or err}).") from None
     return p
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+
+def check_outputs(paths, *, overwrite: bool = False, inputs=(), images: bool = False) -> None:
+    """Before any work, for every file a command will write: not an existing folder, never one of
+    its `inputs` (not even with `overwrite`), a known image suffix when `images`, and not an
+    existing file unless `overwrite` (`--overwrite`): nothing a user owns is replaced unasked."""
+    ins = [Path(i) for i in inputs if i is not None and Path(i).exists()]
+    for path in map(Path, paths):
+        if path.is_dir():
+            raise ValueError(f"output {str(path)!r} is an existing folder; expected a file name there.")
+        if images and path.suffix.lower() not in IMAGE_SUFFIXES:
+            raise ValueError(f"output {str(path)!r} has the suffix {path.suffix or '(none)'!r}; expected an image "
+                             f"suffix ({', '.join(IMAGE_SUFFIXES)}).")
+        if not path.exists():
+            continue
+        same = next((i for i in ins if os.path.samefile(i, path)), None)
+        if same is not None:
+            raise ValueError(f"output {str(path)!r} is the input {str(same)!r}; choose another output folder.")
+        if not overwrite:
+            raise ValueError(f"output {str(path)!r} already exists; pass --overwrite (overwrite=True) to replace it, "
+                             "or choose another output.")
+
+
+def write_atomic(path: str | os.PathLike, write) -> Path:
+    """Call write(temporary path), then rename it to `path`: a run that fails or is killed midway
+    leaves the earlier file (e.g. a score CSV) as it was, never half of a new one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 def save_folder(model: torch.nn.Module, path: str | os.PathLike, meta: dict) -> Path:

@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from ..core.files import require_path
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
@@ -170,10 +172,7 @@ def _grey_to_8bit(a: np.ndarray, mode: str) -> np.ndarray:
 def list_image_folder(root: Union[str, os.PathLike]) -> tuple[list[Path], np.ndarray, list[str]]:
     """ImageNet layout: one subfolder per class (class index = position in sorted names);
     image files found recursively, sorted. Returns (paths, labels (N,) int64, class names)."""
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"image folder {str(root)!r} does not exist: expected a folder with one "
-                                "subfolder of images per class.")
+    root = require_path(root, "image folder", "folder", "a folder with one subfolder of images per class")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
     if not classes:
         raise ValueError(f"image folder {str(root)!r} has no class subfolders: expected root/CLASS/IMAGE files.")

@@ -12,11 +12,13 @@ invariant over its keys, which is why the padding may sit anywhere as long as it
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
+from ..core.devices import check_memory
 from ..model.config import RARConfig
 from ..model.transformer import BlockModulation, FinalLayer, FoldedModulation, HeadModulation
 from .backend import DecodeBackend, single_query_attention
@@ -38,6 +40,8 @@ class KVCache:
                  dtype: torch.dtype = torch.float32):
         max_len = max_len or config.num_tokens + 1  # [cls], [class] and T - 1 tokens
         shape = (config.num_layers, batch_size, config.num_heads, max_len, config.head_dim)
+        check_memory(2 * math.prod(shape) * torch.finfo(dtype).bits // 8, device,
+                     f"the KV cache of {batch_size} decoding rows", "use a smaller batch size")
         self.keys = torch.empty(shape, device=device, dtype=dtype)  # (layers, B, H, S, Dh)
         self.values = torch.empty(shape, device=device, dtype=dtype)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..core.checks import check_counts
+from ..core.checks import check_counts, check_pair
 from ..core.seeds import mix_seed
 from ..decode.backend import DecodeBackend, prepare
 from ..model.transformer import RAR
@@ -63,9 +63,7 @@ def default_feather(resolution: int) -> int:
 def _setup(generator: RAR | DecodeBackend, tokenizer, image: torch.Tensor):
     backend = generator if isinstance(generator, DecodeBackend) else prepare(generator)
     res, grid = tokenizer.config.resolution, backend.config.grid_size
-    if tokenizer.config.grid_size != grid:
-        raise ValueError(f"the tokenizer makes {tokenizer.config.grid_size}x{tokenizer.config.grid_size} tokens but "
-                         f"the generator models {grid}x{grid}; use a matching pair.")
+    check_pair(backend, tokenizer)
     if image.shape != (3, res, res):
         raise ValueError(f"image must be a (3, {res}, {res}) float tensor in [0, 1] (the tokenizer's resolution), "
                          f"got shape {tuple(image.shape)}.")
@@ -127,6 +125,24 @@ def parse_extend(specs) -> list[tuple[str, int]]:
     return out
 
 
+# The largest outpainted canvas, per side, in multiples of the trained grid (64x64 tokens, 1024 px,
+# for a 16x16 model): past it the number of windows (each a full kept-first decode) grows into
+# hours, so a request beyond it is refused rather than left running.
+MAX_CANVAS_FACTOR = 4
+
+
+def check_canvas(sides: list[tuple[str, int]], grid: int) -> tuple[int, int]:
+    """The grown canvas (rows, cols) in tokens; a ValueError when a side exceeds MAX_CANVAS_FACTOR x grid."""
+    rows = grid + sum(k for s, k in sides if s in ("up", "down"))
+    cols = grid + sum(k for s, k in sides if s in ("left", "right"))
+    limit = MAX_CANVAS_FACTOR * grid
+    if max(rows, cols) > limit:
+        raise ValueError(f"extend {', '.join(f'{s}:{k}' for s, k in sides)} would grow the {grid}x{grid} token grid to "
+                         f"{rows}x{cols}; at most {limit} token rows and columns ({MAX_CANVAS_FACTOR}x the trained "
+                         "grid) are allowed.")
+    return rows, cols
+
+
 def window_plan(height: int, width: int, side: str, k: int, grid: int) -> list[tuple[int, int]]:
     """Top-left corners (row, col) of the grid x grid windows that fill a strip of k new token
     columns (left/right) or rows (up/down) added to a height x width canvas (its size after the
@@ -158,6 +174,8 @@ def outpaint(generator: RAR | DecodeBackend, tokenizer, image: torch.Tensor, ext
     tokens, "canvas" (3, H', W') the original on grey}."""
     check_counts(num=num)
     backend, res, grid = _setup(generator, tokenizer, image)
+    sides = parse_extend(extend)
+    check_canvas(sides, grid)
     device, f = backend.device, res // grid
     image = image.to(device).float()
     codes = tokenizer.encode(image[None]).view(1, grid, grid).expand(num, -1, -1).clone()  # (num, g, g)
@@ -165,7 +183,7 @@ def outpaint(generator: RAR | DecodeBackend, tokenizer, image: torch.Tensor, ext
     original = known.clone()  # where the original image's tokens are, on the final canvas
     label = torch.full((num,), _label(backend, label), device=device)
     window = 0
-    for side, k in parse_extend(extend):
+    for side, k in sides:
         pad = {"left": (k, 0, 0, 0), "right": (0, k, 0, 0), "up": (0, 0, k, 0), "down": (0, 0, 0, k)}[side]
         codes, known, original = (F.pad(t, pad) for t in (codes, known, original))
         for r, c in window_plan(*known.shape, side, k, grid):

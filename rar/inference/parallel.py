@@ -112,11 +112,13 @@ def row_groups(orders: torch.Tensor, kept: torch.Tensor, steps: int, schedule: s
     return out
 
 
-def random_orders(seed: int, indices, num_tokens: int, device) -> torch.Tensor:
+def random_orders(seed, indices, num_tokens: int, device) -> torch.Tensor:
     """(B, T) one uniformly random order per sample, from its own generator seeded by
-    (seed, index, 1): the order does not depend on the batch, nor touch the sampling uniforms."""
-    return torch.stack([torch.randperm(num_tokens, generator=torch.Generator().manual_seed(mix_seed(seed, i, 1)))
-                        for i in indices]).to(device)
+    (seed, index, 1): the order does not depend on the batch, nor touch the sampling uniforms.
+    `seed`: one integer, or one per sample."""
+    seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed] * len(indices)
+    return torch.stack([torch.randperm(num_tokens, generator=torch.Generator().manual_seed(mix_seed(s, i, 1)))
+                        for s, i in zip(seeds, indices)]).to(device)
 
 
 def run_parallel(backend: DecodeBackend, labels: torch.Tensor, orders: torch.Tensor, s, uniforms: torch.Tensor,

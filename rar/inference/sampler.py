@@ -141,15 +141,31 @@ def decode_orders(order, model, device, batch_size: int, seed: int, indices, ste
     return generation_order(order, model, device, batch_size).expand(batch_size, T), None
 
 
-def sample_uniforms(seed: int, indices, num_tokens: int, device) -> torch.Tensor:
-    """(B, T) uniforms of samples `indices`, each from its own generator seeded by (seed, index)."""
-    return torch.stack([torch.rand(num_tokens, generator=torch.Generator().manual_seed(mix_seed(seed, i)))
-                        for i in indices]).to(device)
+def resolve_seeds(seed, generator: torch.Generator | None, batch_size: int):
+    """`resolve_seed` for one seed, or a list of `batch_size` checked seeds (one per sample)."""
+    if isinstance(seed, (list, tuple)) or (torch.is_tensor(seed) and seed.ndim == 1):
+        seeds = [resolve_seed(int(s) if torch.is_tensor(s) else s, None) for s in seed]
+        if len(seeds) != batch_size:
+            raise ValueError(f"seed has {len(seeds)} values for {batch_size} samples; give one seed, or one per sample.")
+        return seeds
+    return resolve_seed(seed, generator)
+
+
+def row_seeds(seed, batch_size: int) -> list[int]:
+    """One seed per sample: the list itself, or the single seed repeated."""
+    return list(seed) if isinstance(seed, (list, tuple)) else [seed] * batch_size
+
+
+def sample_uniforms(seed, indices, num_tokens: int, device) -> torch.Tensor:
+    """(B, T) uniforms of samples `indices`, each from its own generator seeded by (seed, index);
+    `seed` is one integer or one per sample (`row_seeds`)."""
+    return torch.stack([torch.rand(num_tokens, generator=torch.Generator().manual_seed(mix_seed(s, i)))
+                        for s, i in zip(row_seeds(seed, len(indices)), indices)]).to(device)
 
 
 @torch.inference_mode()
 def generate(model: RAR | DecodeBackend, labels, *, settings: SamplingSettings | None = None,
-             seed: int | None = None, generator: torch.Generator | None = None, indices=None, order=None,
+             seed=None, generator: torch.Generator | None = None, indices=None, order=None,
              progress: bool = False, pack_weights: bool = True, guidance_scale: float | None = None,
              guidance_scale_pow: float | None = None, temperature: float | None = None, top_k: int | None = None,
              top_p: float | None = None, steps: int | None = None, schedule: str | None = None) -> torch.Tensor:
@@ -164,7 +180,9 @@ def generate(model: RAR | DecodeBackend, labels, *, settings: SamplingSettings |
     (T,) or one per sample (B, T). `steps` (default T): network passes; fewer decode several
     tokens per pass in groups of sizes following `schedule` (`rar.inference.parallel`).
     Randomness: `seed` (or one integer drawn from `generator`) and each sample's index
-    (`indices`, default 0..B-1) fix its tokens, whatever the batch. `pack_weights=False` decodes a
+    (`indices`, default 0..B-1) fix its tokens, whatever the batch; `seed` may also be one integer
+    per sample, so that requests of several users decode as one batch and each gets exactly the
+    tokens of a lone call with its own seed. `pack_weights=False` decodes a
     model with its own linears and torch's attention (the reference path; slower on CPU).
     """
     backend = as_backend(model, packed=pack_weights)
@@ -173,7 +191,7 @@ def generate(model: RAR | DecodeBackend, labels, *, settings: SamplingSettings |
                          steps, schedule)
     B, T = labels.shape[0], backend.config.num_tokens
     n_steps, _ = check_steps(s.steps or T, s.schedule, T)
-    seed, indices = resolve_seed(seed, generator), check_indices(indices, B)
+    seed, indices = resolve_seeds(seed, generator, B), check_indices(indices, B)
     orders, times = decode_orders(order, backend, labels.device, B, seed, indices, n_steps)
     uniforms = sample_uniforms(seed, indices, T, labels.device)  # (B, T)
     scales = guidance_schedule(s.guidance_scale, s.guidance_scale_pow, T).to(labels.device).expand(B, T)

@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..core.files import require_path
+
 _STAT_KEYS = ("mu", "sigma", "mu_s", "sigma_s")
 
 
@@ -254,9 +256,7 @@ class NpzImages:
 
 def read_npz_images(path) -> NpzImages:
     """Validate an ADM-layout npz (`arr_0` uint8 (N, H, W, 3), optional `arr_1` labels (N,) integers)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Image file {path} does not exist.")
+    path = require_path(path, "samples", "file", "an ADM-layout .npz (arr_0: uint8 N x H x W x 3)")
     try:
         with zipfile.ZipFile(path) as archive:
             names = set(archive.namelist())
@@ -336,9 +336,8 @@ def load_reference(npz_path, extractor, cache: bool = True, batch_size: int = 64
     computed from `arr_0`. Features computed from `arr_0` are cached next to the file as
     `<name>.rar-stats.npz` when `cache` is true and the extractor has a `cache_key`.
     """
-    path = Path(npz_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Reference batch {path} does not exist.")
+    path = require_path(npz_path, "reference batch", "file", "an ADM-layout .npz such as "
+                        "VIRTUAL_imagenet256_labeled.npz")
     with np.load(path) as z:
         files = set(z.files)
         stored = {k: z[k] for k in _STAT_KEYS if k in files}

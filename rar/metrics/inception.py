@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.files import read_state_dict
+
 WEIGHTS_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + WEIGHTS_FILENAME
 WEIGHTS_SHA256_PREFIX = "6726825d"
@@ -282,6 +284,8 @@ def load_weights(model: nn.Module, state: dict, source) -> None:
         raise ValueError(f"{source} does not fit InceptionV3Features: missing keys {missing[:5]}, "
                          f"unexpected keys {unexpected[:5]} (first five of each shown).")
     for key, value in state.items():
+        if not torch.is_tensor(value):
+            raise ValueError(f"{source}: key {key} holds a {type(value).__name__}, expected a tensor.")
         if tuple(value.shape) != tuple(expected[key].shape):
             raise ValueError(f"{source}: key {key} has shape {tuple(value.shape)}, "
                              f"expected {tuple(expected[key].shape)}.")
@@ -297,7 +301,7 @@ def load_inception(weights_path=None, hub_dir=None, download: bool = False) -> I
     `download` is true. Raises FileNotFoundError naming the file, its URL and the folder when absent.
     """
     path = _weights_file(weights_path, hub_dir, download)
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = read_state_dict(path, "Inception weights")  # one sentence for an empty, truncated or pickled file
     model = InceptionV3Features()
-    load_weights(model, state, path)
+    load_weights(model, state, f"Inception weights {str(path)!r}")
     return model.eval()

@@ -143,7 +143,7 @@ def load_generator(path: str | os.PathLike, config: RARConfig | None = None, map
                                 "rar_b.bin (HuggingFace hub repo yucornetto/RAR), a folder written by rar train, "
                                 "or a name: rar_b, rar_l, rar_xl, rar_xxl.")
     what = f"generator {str(path)!r}"
-    meta, sd, _ = read_folder(path, FORMAT_NAME, what, map_location)
+    meta, sd, _ = read_folder(path, FORMAT_NAME, "generator", map_location)
     saved = _folder_configs(meta, what)
     if config is not None:
         check_sizes(config, saved.config, what)

@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..core.checks import finite
-from ..core.files import ensure_writable_dir
+from ..core.checks import check_counts, finite
+from ..core.files import check_outputs, ensure_writable_dir
 from ..core.runconfig import config_from_dict, load_config, require, save_config, to_dict
 from ..core.schedules import warmup_cosine
 from ..core.threads import ThreadGovernor
@@ -370,13 +370,19 @@ def reconstruct_images(tokenizer: Union[VQGAN, str, Path], images, out_path: Opt
 
 def reconstruct(tokenizer: Union[str, Path], out_path: Union[str, Path], data: Optional[str] = None,
                 dataset: Optional[str] = None, n: int = 16, resolution: Optional[int] = None,
-                device: str = "cpu") -> dict:
+                device: str = "cpu", overwrite: bool = False) -> dict:
     """CLI glue for `rar reconstruct`: the first `n` images of a folder (`data`) or of the held-out
-    demo digits (`dataset='digits'`), center-cropped to the tokenizer's resolution."""
-    model = load_any_tokenizer(tokenizer)
-    res = resolution or model.config.resolution
+    demo digits (`dataset='digits'`), center-cropped to the tokenizer's resolution. An existing
+    `out_path` is replaced only with `overwrite`."""
     if (data is None) == (dataset is None):
         raise ValueError("pass exactly one of data (an image folder) or dataset ('digits').")
+    check_counts(num=n)
+    check_outputs([out_path], overwrite=overwrite, inputs=[tokenizer, data], images=True)
+    model = load_any_tokenizer(tokenizer)
+    res = model.config.resolution if resolution is None else resolution
+    if isinstance(res, bool) or not isinstance(res, int) or res < 1 or res % model.config.downsample_factor:
+        raise ValueError(f"resolution must be a positive multiple of the tokenizer's downsampling factor "
+                         f"{model.config.downsample_factor}, got {res!r}.")
     if dataset is not None:
         if dataset != "digits":
             raise ValueError(f"dataset must be 'digits', got {dataset!r}.")

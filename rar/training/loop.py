@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ..core.checks import check_tokenizer_fits
 from ..core.devices import keep_freed_memory, resolve_device
 from ..core.schedules import warmup_cosine
 from ..core.seeds import mix_seed
@@ -26,6 +27,7 @@ from ..model.config import RARConfig
 from ..model.orders import drop_labels, named_order, random_ratio, sample_orders
 from ..model.transformer import RAR
 from ..model.weights import save_generator
+from ..tokenizer.vqgan import load_any_tokenizer
 from . import checkpoints, logs, plots
 from .config import OptimSection, TrainConfig, model_preset
 from ..core.threads import ThreadGovernor
@@ -70,8 +72,21 @@ def load_data(cfg: TrainConfig) -> TokenData:
         return synthetic_tokens(cfg.data.synthetic_samples, mc.num_tokens, mc.codebook_size, mc.num_classes,
                                 seed=cfg.seed)
     data = load_token_shards(cfg.data.path)
+    if cfg.data.tokenizer:  # set by the user: it must exist and fit the tokens, before any training
+        check_data_tokenizer(data, cfg.data.tokenizer, cfg.data.path)
     data.tokenizer = cfg.data.tokenizer or data.tokenizer
     return data
+
+
+def check_data_tokenizer(data: TokenData, path: str, data_path: str) -> None:
+    """data.tokenizer must exist and have the shards' codebook and tokens per image (a mismatch would
+    otherwise surface only when the first sample grid is decoded, after training)."""
+    try:
+        vq = load_any_tokenizer(path).config
+    except (OSError, ValueError) as err:
+        raise type(err)(f"data.tokenizer: {err}") from None
+    check_tokenizer_fits(f"the token shards {data_path!r}", data.codebook_size, data.tokens.shape[-1],
+                         f"data.tokenizer {path!r}", vq.codebook_size, vq.num_tokens)
 
 
 def step_batch(cfg: TrainConfig, data: TokenData, step: int, num_classes: int, label_dropout: float):

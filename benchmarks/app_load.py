@@ -1,0 +1,141 @@
+"""`rar app` under load, on loopback only: N clients send one /generate request each at the same
+time, against the same N requests sent one after another, in the same run and to the same server.
+
+    python benchmarks/app_load.py --demo demo_out --clients 16 --num 4
+    python benchmarks/app_load.py --preset rar_b --clients 8 --num 1 --steps 256
+
+--demo serves a `rar demo` output folder; --preset serves that preset with random weights (and a
+random MaskGIT-VQGAN of the preset's grid), written once to --work. The server is `rar app` in its
+own process (its peak RSS is read from /proc). Every concurrent answer must equal the sequential
+answer of the same seed, pixel for pixel; the ratio is sequential time / concurrent time. The last
+output line is one JSON object. Bounded: each request times out after --timeout seconds.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sample_speed import host_line  # noqa: E402  (same host figures as the other benchmarks)
+
+
+def random_pair(preset: str, work: Path) -> tuple[Path, Path]:
+    """A generator of `preset` and a tokenizer of its grid, random weights, saved once under `work`."""
+    import torch
+
+    from rar import RAR
+    from rar.model.weights import save_generator
+    from rar.tokenizer.vqgan import VQGAN, VQGANConfig, save_tokenizer
+
+    gen, tok = work / f"{preset}_random", work / "maskgit_random"
+    if not (gen / "config.json").is_file():
+        torch.manual_seed(0)
+        save_generator(RAR.from_preset(preset).eval(), gen)
+    if not (tok / "config.json").is_file():
+        save_tokenizer(VQGAN(VQGANConfig()).eval(), tok)
+    return gen, tok
+
+
+def start_server(args, work: Path) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    src = ["--demo", args.demo] if args.demo else [a for pair in zip(("--generator", "--tokenizer"),
+                                                                        map(str, random_pair(args.preset, work)))
+                                                    for a in pair]
+    proc = subprocess.Popen([sys.executable, "-m", "rar", "app", *src, "--port", str(port), "--device", "cpu",
+                             "--queue-size", str(max(32, 2 * args.clients))],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/"
+    for _ in range(600):
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return proc, url
+        except OSError:
+            if proc.poll() is not None:
+                raise SystemExit("rar app exited before serving")
+            time.sleep(0.5)
+    proc.kill()
+    raise SystemExit("rar app did not start within 300 s")
+
+
+def peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def request(url: str, args, seed: int):
+    from gradio_client import Client
+    from PIL import Image
+
+    job = Client(url, verbose=False).submit(args.class_choice, args.num, args.guidance_scale, 0.0, 1.0, seed,
+                                            args.steps, api_name="/generate")
+    _, paths, _ = job.result(timeout=args.timeout)
+    return [np.asarray(Image.open(p)) for p in paths]
+
+
+def run(args, url: str) -> dict:
+    request(url, args, 10_000)  # warm-up: the first decode packs weights, compiles nothing else
+    t0 = time.perf_counter()
+    alone = [request(url, args, k) for k in range(args.clients)]
+    sequential = time.perf_counter() - t0
+    together: list = [None] * args.clients
+    threads = [threading.Thread(target=lambda k=k: together.__setitem__(k, request(url, args, k)))
+               for k in range(args.clients)]
+    t0 = time.perf_counter()
+    [t.start() for t in threads]
+    [t.join(timeout=args.timeout) for t in threads]
+    concurrent = time.perf_counter() - t0
+    answered = sum(t is not None for t in together)
+    identical = answered == args.clients and all(
+        all((a == b).all() for a, b in zip(x, y)) for x, y in zip(alone, together))
+    return {"clients": args.clients, "images_per_request": args.num, "answered": answered, "identical": identical,
+            "sequential_s": round(sequential, 2), "concurrent_s": round(concurrent, 2),
+            "throughput_ratio": round(sequential / concurrent, 2)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--demo", help="a rar demo output folder")
+    src.add_argument("--preset", help="a preset served with random weights, e.g. rar_b")
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--num", type=int, default=1, help="images per request")
+    ap.add_argument("--steps", type=int, default=100_000, help="network passes (default: one per token; the app "
+                    "decodes sequentially for any value >= the tokens)")
+    ap.add_argument("--guidance-scale", type=float, default=2.0)
+    ap.add_argument("--class", dest="class_choice", default="1: x", help="the class, as the app's 'id: name'")
+    ap.add_argument("--timeout", type=float, default=900)
+    ap.add_argument("--work", default="/tmp/rar-app-load", help="where random weights are written (--preset)")
+    args = ap.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    line, info = host_line(2, __import__("torch").float32)
+    print(line, flush=True)
+    proc, url = start_server(args, work)
+    try:
+        res = run(args, url)
+        res.update(server=args.demo or f"{args.preset} (random weights)", steps=args.steps,
+                   server_peak_rss_mib=round(peak_rss_mib(proc.pid)), host=info)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    print(f"{res['clients']} clients x {res['images_per_request']} image(s): sequential {res['sequential_s']} s, "
+          f"concurrent {res['concurrent_s']} s, {res['throughput_ratio']}x; answered {res['answered']}, identical "
+          f"{res['identical']}; server peak RSS {res['server_peak_rss_mib']} MiB")
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()
