@@ -88,12 +88,27 @@ def test_generate_then_inpaint_in_a_real_browser(server, tmp_path):
 
 
 def _launch(models, queue_size: int):
-    from rar.apps.app import build_app
+    """The app as `rar app` runs it, in this process: Gradio's threads, and the decode runner on
+    a thread of its own (the main thread in `rar app`); `_close` stops both."""
+    import threading
+
+    from rar.apps.app import RUNNER, build_app
 
     app = build_app(models, queue_size=queue_size)
     port = _free_port()
     app.launch(prevent_thread_lock=True, server_port=port, ssr_mode=False, quiet=True)
+    runner = threading.Thread(target=RUNNER.run, daemon=True)
+    runner.start()
+    while RUNNER.jobs is None:
+        time.sleep(0.01)
     return app, f"http://127.0.0.1:{port}/"
+
+
+def _close(app) -> None:
+    from rar.apps.app import RUNNER
+
+    RUNNER.shutdown()
+    app.close()
 
 
 def _pixels(paths) -> list:
@@ -138,7 +153,7 @@ def test_concurrent_api_requests_are_batched_and_get_their_lone_images(tmp_path,
         assert max(batches) > 1  # at least two requests shared a decode
         _run_readme_client_snippet(url, tmp_path, monkeypatch)
     finally:
-        app.close()
+        _close(app)
 
 
 def test_a_full_queue_says_busy_at_once(tmp_path, monkeypatch):
@@ -154,10 +169,10 @@ def test_a_full_queue_says_busy_at_once(tmp_path, monkeypatch):
     save_tiny_pair(tmp_path / "g", tmp_path / "t", [str(i) for i in range(10)])
     models = appmod.load_models(tmp_path / "g", tmp_path / "t")
     real = appmod.generate_requests
-    monkeypatch.setattr(appmod, "generate_requests", lambda m, reqs: time.sleep(2) or real(m, reqs))  # a busy app
+    monkeypatch.setattr(appmod, "generate_requests", lambda m, reqs: time.sleep(3) or real(m, reqs))  # a busy app
     app, url = _launch(models, queue_size=2)
     try:
-        outcome = [None] * 10
+        outcome = [None] * 16  # 8 wait in the runner, 2 in Gradio's queue, the others are refused
 
         def request(k):
             try:
@@ -166,7 +181,7 @@ def test_a_full_queue_says_busy_at_once(tmp_path, monkeypatch):
             except Exception as err:  # noqa: BLE001 - gradio_client's QueueError
                 outcome[k] = str(err)
 
-        threads = [threading.Thread(target=request, args=(k,)) for k in range(10)]
+        threads = [threading.Thread(target=request, args=(k,)) for k in range(16)]
         [t.start() for t in threads]
         [t.join(timeout=120) for t in threads]
         busy = [o for o in outcome if o != "answered"]
@@ -174,7 +189,7 @@ def test_a_full_queue_says_busy_at_once(tmp_path, monkeypatch):
         assert busy and all("try again" in o.lower() for o in busy), outcome
         assert outcome.count("answered") >= 1
     finally:
-        app.close()
+        _close(app)
 
 
 def _run_readme_client_snippet(url: str, tmp_path, monkeypatch) -> None:

@@ -30,6 +30,7 @@ from ..inference import SamplingSettings, generate
 from ..inference.image_editing import inpaint, outpaint
 from ..model.weights import load_generator
 from ..tokenizer.vqgan import load_any_tokenizer
+from .app_runner import DecodeRunner
 from .classes import class_names_of
 
 REGIONS = ("brush", "top half", "bottom half", "left half", "right half", "centre")
@@ -133,7 +134,8 @@ def _whole(value, name: str):
 def generate_requests(models: AppModels, requests: list[GenerateRequest]) -> list[torch.Tensor]:
     """Images (num, 3, H, W) per request. Requests with equal settings decode together, in batches of
     at most MAX_BATCH_ROWS images; each row keeps its own (seed, index), so every request gets
-    exactly the images it would get alone (`rar.generate` with one seed per sample)."""
+    exactly the tokens it would get alone (`rar.generate` with one seed per sample), and its
+    images are decoded as its own batch, so that they too are the lone request's, pixel for pixel."""
     out: list = [None] * len(requests)
     groups: dict = {}
     for k, r in enumerate(requests):
@@ -142,14 +144,12 @@ def generate_requests(models: AppModels, requests: list[GenerateRequest]) -> lis
         labels = torch.tensor([requests[k].label for k in ks for _ in range(requests[k].num)])  # (N,)
         seeds = [requests[k].seed for k in ks for _ in range(requests[k].num)]
         indices = [i for k in ks for i in range(requests[k].num)]
-        images = []
-        for s in range(0, len(labels), MAX_BATCH_ROWS):
-            e = s + MAX_BATCH_ROWS
-            tokens = generate(models.backend, labels[s:e], settings=settings, seed=seeds[s:e], indices=indices[s:e])
-            with torch.inference_mode():
-                images.append(models.tokenizer.decode(tokens).float())
-        for k, part in zip(ks, torch.cat(images).split([requests[k].num for k in ks])):
-            out[k] = part
+        tokens = torch.cat([generate(models.backend, labels[s:s + MAX_BATCH_ROWS], settings=settings,
+                                     seed=seeds[s:s + MAX_BATCH_ROWS], indices=indices[s:s + MAX_BATCH_ROWS])
+                            for s in range(0, len(labels), MAX_BATCH_ROWS)])  # (N, T)
+        for k, part in zip(ks, tokens.split([requests[k].num for k in ks])):
+            with torch.inference_mode():  # per request: the tokenizer's convolutions round alike only at equal batch
+                out[k] = models.tokenizer.decode(part).float()
     return out
 
 
@@ -166,31 +166,17 @@ def _generate_result(models: AppModels, r: GenerateRequest, images: torch.Tensor
     return grid, paths, code
 
 
+def generate_results(models: AppModels, requests: list[GenerateRequest]) -> list[tuple]:
+    """(grid, PNG paths, Python call) of each request, decoded together (`generate_requests`)."""
+    return [_generate_result(models, r, im) for r, im in zip(requests, generate_requests(models, requests))]
+
+
 def generate_images(models: AppModels, choice, num, guidance_scale, guidance_scale_pow, temperature, seed,
                     steps=None):
     """(grid, PNG paths, the reproducing Python call) of one Generate request; `steps` below the
     number of tokens decodes in parallel (several tokens per network pass)."""
     r = parse_request(models, choice, num, guidance_scale, guidance_scale_pow, temperature, seed, steps)
     return _generate_result(models, r, generate_requests(models, [r])[0])
-
-
-def generate_batch(models: AppModels, *columns):
-    """Gradio's batched `generate` event: column j holds input j of every waiting request. Returns
-    (grids, paths, codes), one entry per request. A bad request alone is an error message; within
-    a batch it answers with its message in the code output and the others still run."""
-    n = len(columns[0])
-    parsed: list = []
-    for k in range(n):
-        try:
-            parsed.append(parse_request(models, *(c[k] for c in columns)))
-        except ValueError as err:
-            if n == 1:
-                raise
-            parsed.append(f"# error: {err}")
-    valid = [r for r in parsed if isinstance(r, GenerateRequest)]
-    images = iter(generate_requests(models, valid))
-    results = [(None, None, r) if isinstance(r, str) else _generate_result(models, r, next(images)) for r in parsed]
-    return tuple(list(col) for col in zip(*results))
 
 
 def region_mask(region: str, size: int) -> np.ndarray:
@@ -328,19 +314,21 @@ def build_app(models: AppModels, queue_size: int = QUEUE_SIZE):
             egrid = gr.Image(label="results", type="pil", elem_id="edit-grid", height=280)
             efiles = gr.File(label="PNG files", file_count="multiple")
 
-        def run_generate(*columns):
-            return generate_batch(models, *columns)
+        many = functools.partial(generate_results, models)  # one object: the runner batches jobs of equal ones
 
-        # the named endpoint /generate: waiting requests are served together (one decode batch per
-        # sampling setting), each still gets exactly the images of a lone request
+        def run_generate(*inputs):  # every torch op on the runner's thread (see app_runner)
+            return RUNNER.generate(many, parse_request(models, *inputs))
+
+        # the named endpoint /generate: up to MAX_BATCH_REQUESTS requests wait in the runner at once
+        # and are decoded together (app_runner), each still getting exactly the images of a lone request
         go.click(_guarded(run_generate), [cls, num, g, p, t, seed, steps], [grid, files, code], api_name="generate",
-                 batch=True, max_batch_size=MAX_BATCH_REQUESTS).then(_paths, files, last, queue=False,
+                 concurrency_limit=MAX_BATCH_REQUESTS).then(_paths, files, last, queue=False,
                                                                        api_visibility="private")
         dice.click(lambda: random.randrange(2**31), None, seed, api_visibility="private")
         take.click(_guarded(_first), last, editor, api_visibility="private")
 
         def run_edit(v, r, c, m, sdd, a, meth, n, sd, st, progress=gr.Progress(track_tqdm=True)):
-            return edit_images(models, v, r, c, m, sdd, a, meth, n, sd, st)
+            return RUNNER.call(edit_images, models, v, r, c, m, sdd, a, meth, n, sd, st)
         inputs = [editor, region, ecls, mode, side, amount, method, enum, eseed, esteps]
         erun.click(_guarded(run_edit), inputs, [egrid, efiles], api_name="edit")  # one edit at a time
     # one job at a time, at most `queue_size` waiting: past it Gradio answers "the queue is full" at once
@@ -358,8 +346,13 @@ def _first(paths: list[str]):
     return paths[0]
 
 
+RUNNER = DecodeRunner(MAX_BATCH_REQUESTS)
+
+
 def serve(models: AppModels, port: int | None = None, host: str = "127.0.0.1", share: bool = False,
           queue_size: int = QUEUE_SIZE) -> None:
-    """Build and launch the app (blocks until interrupted)."""
-    build_app(models, queue_size).launch(server_name=host, server_port=port, share=share, max_file_size="20mb",
-                             show_error=True, ssr_mode=False)
+    """Build and launch the app; decoding runs on this (the main) thread until interrupted."""
+    app = build_app(models, queue_size)
+    app.launch(prevent_thread_lock=True, server_name=host, server_port=port, share=share, max_file_size="20mb",
+               show_error=True, ssr_mode=False)
+    RUNNER.run(app.close)
