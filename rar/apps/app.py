@@ -35,8 +35,8 @@ from .classes import class_names_of
 
 REGIONS = ("brush", "top half", "bottom half", "left half", "right half", "centre")
 MAX_IMAGES = 16  # per request
-# Under load: up to MAX_BATCH_REQUESTS waiting Generate requests are served together (Gradio's
-# batched events), their images in network batches of at most MAX_BATCH_ROWS; at most QUEUE_SIZE
+# Under load: up to MAX_BATCH_REQUESTS waiting Generate requests are served together (the decode
+# runner, app_runner), their images in network batches of at most MAX_BATCH_ROWS; at most QUEUE_SIZE
 # requests wait, and past that a user is told the app is busy instead of waiting without end.
 MAX_BATCH_REQUESTS = 8
 MAX_BATCH_ROWS = 32
@@ -118,7 +118,7 @@ def parse_request(models: AppModels, choice, num, guidance_scale, guidance_scale
     steps = None if steps is None or int(steps) >= T else int(steps)
     settings = SamplingSettings(float(guidance_scale), float(guidance_scale_pow), float(temperature),
                                 steps=steps).resolve(models.backend.sampling)
-    return GenerateRequest(c, int(num), resolve_seed(_whole(seed, "seed"), None), settings)
+    return GenerateRequest(c, num, resolve_seed(_whole(seed, "seed"), None), settings)
 
 
 def _whole(value, name: str):

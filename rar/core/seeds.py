@@ -33,3 +33,8 @@ def resolve_seed(seed: int | None, generator: torch.Generator | None) -> int:
     if value is None or value < 0:
         raise ValueError(f"seed must be an integer >= 0, got {seed!r}.")
     return value
+
+
+def row_seeds(seed, batch_size: int) -> list[int]:
+    """One seed per sample: a list (or tuple) of them as it is, or the single seed repeated."""
+    return list(seed) if isinstance(seed, (list, tuple)) else [seed] * batch_size

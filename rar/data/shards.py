@@ -179,7 +179,8 @@ def _check_shard(folder: Path, sh: dict, tokens: np.ndarray, labels: np.ndarray,
         raise ValueError(f"shard file {str(folder / sh['labels'])!r} holds {labels.dtype} {list(labels.shape)}; "
                          f"expected {len(tokens)} integer labels, one per image.")
     if len(tokens):
-        lo, hi = int(tokens.min()), int(tokens.max())  # one pass over the memory map
+        # unsigned codes (what rar tokenize writes) need only the max: one pass over the memory map
+        lo, hi = (int(tokens.min()) if tokens.dtype.kind == "i" else 0), int(tokens.max())
         if lo < 0 or hi >= m["codebook_size"]:
             raise ValueError(f"shard file {name!r} holds code {hi if hi >= m['codebook_size'] else lo}; expected codes "
                              f"in 0..{m['codebook_size'] - 1} (the manifest's codebook_size).")

@@ -33,7 +33,7 @@ import operator
 import torch
 from tqdm.auto import tqdm
 
-from ..core.seeds import mix_seed
+from ..core.seeds import mix_seed, row_seeds
 from ..decode.backend import DecodeBackend
 from ..decode.cache import CachedDecoder
 from .draw import draw, guide, raise_if_not_finite, with_unconditional
@@ -116,9 +116,8 @@ def random_orders(seed, indices, num_tokens: int, device) -> torch.Tensor:
     """(B, T) one uniformly random order per sample, from its own generator seeded by
     (seed, index, 1): the order does not depend on the batch, nor touch the sampling uniforms.
     `seed`: one integer, or one per sample."""
-    seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed] * len(indices)
     return torch.stack([torch.randperm(num_tokens, generator=torch.Generator().manual_seed(mix_seed(s, i, 1)))
-                        for s, i in zip(seeds, indices)]).to(device)
+                        for s, i in zip(row_seeds(seed, len(indices)), indices)]).to(device)
 
 
 def run_parallel(backend: DecodeBackend, labels: torch.Tensor, orders: torch.Tensor, s, uniforms: torch.Tensor,

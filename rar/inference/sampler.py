@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..core.checks import check_indices, check_labels, check_sampling_values
-from ..core.seeds import mix_seed, resolve_seed
+from ..core.seeds import mix_seed, resolve_seed, row_seeds
 from ..decode.backend import DecodeBackend, prepare
 from ..decode.cache import CachedDecoder
 from ..model.config import SamplingDefaults
@@ -149,11 +149,6 @@ def resolve_seeds(seed, generator: torch.Generator | None, batch_size: int):
             raise ValueError(f"seed has {len(seeds)} values for {batch_size} samples; give one seed, or one per sample.")
         return seeds
     return resolve_seed(seed, generator)
-
-
-def row_seeds(seed, batch_size: int) -> list[int]:
-    """One seed per sample: the list itself, or the single seed repeated."""
-    return list(seed) if isinstance(seed, (list, tuple)) else [seed] * batch_size
 
 
 def sample_uniforms(seed, indices, num_tokens: int, device) -> torch.Tensor:
