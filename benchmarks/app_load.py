@@ -1,9 +1,13 @@
-"""`rar app` under load, on loopback only: N clients send one /generate request each at the same
-time, against the same N requests sent one after another, in the same run and to the same server.
+"""`rar app` under load, on loopback only: N clients send one /generate (or /edit) request each at
+the same time, against the same N requests sent one after another, in the same run and to the
+same server.
 
     python benchmarks/app_load.py --demo demo_out --clients 16 --num 4
     python benchmarks/app_load.py --preset rar_b --clients 8 --num 1 --steps 256
+    python benchmarks/app_load.py --demo demo_out --clients 8 --num 2 --endpoint edit
 
+/edit requests inpaint the top half of one fixed picture (kept-first), each client with its own
+seed and class.
 --demo serves a `rar demo` output folder; --preset serves that preset with random weights (and a
 random MaskGIT-VQGAN of the preset's grid), written once to --work. The server is `rar app` in its
 own process (its peak RSS is read from /proc). Every concurrent answer must equal the sequential
@@ -45,7 +49,7 @@ def random_pair(preset: str, work: Path) -> tuple[Path, Path]:
     return gen, tok
 
 
-def start_server(args, work: Path) -> tuple[subprocess.Popen, str]:
+def start_server(args, work: Path) -> tuple[subprocess.Popen, str, tuple[Path, Path]]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -59,7 +63,7 @@ def start_server(args, work: Path) -> tuple[subprocess.Popen, str]:
     for _ in range(600):
         try:
             urllib.request.urlopen(url, timeout=2)
-            return proc, url, pair[0]
+            return proc, url, pair
         except OSError:
             if proc.poll() is not None:
                 raise SystemExit("rar app exited before serving")
@@ -85,13 +89,31 @@ def peak_rss_mib(pid: int) -> float:
 
 
 def request(url: str, args, seed: int):
-    from gradio_client import Client
+    from gradio_client import Client, handle_file
     from PIL import Image
 
-    job = Client(url, verbose=False).submit(args.class_choice, args.num, args.guidance_scale, 0.0, 1.0, seed,
-                                            args.steps, api_name="/generate")
-    _, paths, _ = job.result(timeout=args.timeout)
+    client = Client(url, verbose=False)
+    if args.endpoint == "generate":
+        job = client.submit(args.class_choice, args.num, args.guidance_scale, 0.0, 1.0, seed, args.steps,
+                            api_name="/generate")
+    else:
+        value = {"background": handle_file(str(args.picture)), "layers": [], "composite": None}
+        job = client.submit(value, "top half", args.choices[seed % len(args.choices)], "inpaint", "right", 1,
+                            "kept-first", args.num, seed, args.steps, api_name="/edit")
+    paths = job.result(timeout=args.timeout)[1]
     return [np.asarray(Image.open(p)) for p in paths]
+
+
+def edit_picture(tokenizer: Path, work: Path) -> Path:
+    """A fixed test picture at the tokenizer's resolution (a smooth pattern), written once."""
+    from PIL import Image
+
+    res = json.loads((tokenizer / "config.json").read_text())["config"]["resolution"]
+    yy, xx = np.mgrid[0:res, 0:res] / res
+    rgb = np.stack([np.sin(6 * xx), np.cos(5 * yy), np.sin(4 * (xx + yy))], -1) * 0.5 + 0.5
+    path = work / f"picture_{res}.png"
+    Image.fromarray((rgb * 255).astype(np.uint8)).save(path)
+    return path
 
 
 def run(args, url: str) -> dict:
@@ -119,6 +141,7 @@ def main() -> None:
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--demo", help="a rar demo output folder")
     src.add_argument("--preset", help="a preset served with random weights, e.g. rar_b")
+    ap.add_argument("--endpoint", choices=("generate", "edit"), default="generate")
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--num", type=int, default=1, help="images per request")
     ap.add_argument("--steps", type=int, default=None, help="network passes (default: one per token)")
@@ -131,17 +154,20 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     line, info = host_line(2, __import__("torch").float32)
     print(line, flush=True)
-    proc, url, generator = start_server(args, work)
+    proc, url, (generator, tokenizer) = start_server(args, work)
     args.class_choice = class_choice(generator, args.class_id)
+    args.choices = [class_choice(generator, c) for c in range(min(4, json.loads(
+        (generator / "config.json").read_text())["config"]["num_classes"]))]
+    args.picture = edit_picture(tokenizer, work)
     args.steps = args.steps or json.loads((generator / "config.json").read_text())["config"]["num_tokens"]
     try:
         res = run(args, url)
-        res.update(server=args.demo or f"{args.preset} (random weights)", steps=args.steps,
+        res.update(endpoint=args.endpoint, server=args.demo or f"{args.preset} (random weights)", steps=args.steps,
                    server_peak_rss_mib=round(peak_rss_mib(proc.pid)), host=info)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-    print(f"{res['clients']} clients x {res['images_per_request']} image(s): sequential {res['sequential_s']} s, "
+    print(f"/{args.endpoint}: {res['clients']} clients x {res['images_per_request']} image(s): sequential {res['sequential_s']} s, "
           f"concurrent {res['concurrent_s']} s, {res['throughput_ratio']}x; answered {res['answered']}, pixel-identical "
           f"to the lone request {res['identical_requests']}; server peak RSS {res['server_peak_rss_mib']} MiB")
     print(json.dumps(res))

@@ -119,38 +119,61 @@ def _pixels(paths) -> list:
 
 
 def test_concurrent_api_requests_are_batched_and_get_their_lone_images(tmp_path, monkeypatch):
-    """/generate under 6 concurrent clients: every request answered, each with exactly the images of
-    a lone request of its seed (they were decoded as one batch); the edit endpoint is named too."""
+    """/generate under 6 concurrent clients and /edit under 4: every request answered, each with
+    exactly the images of a lone request of its seed (they were decoded in shared batches)."""
     pytest.importorskip("gradio")
     client_mod = pytest.importorskip("gradio_client")
     import threading
 
+    import numpy as np
+    from PIL import Image
+
     from conftest import save_tiny_pair
     from rar.apps import app as appmod
+    from rar.apps import app_requests as reqmod
 
     save_tiny_pair(tmp_path / "g", tmp_path / "t", [str(i) for i in range(10)], perturb=0.05)
     models = appmod.load_models(tmp_path / "g", tmp_path / "t")
-    batches = []
-    real = appmod.generate_requests
-    monkeypatch.setattr(appmod, "generate_requests", lambda m, reqs: batches.append(len(reqs)) or real(m, reqs))
-    lone = [appmod.generate_images(models, "3: 3", 2, 3.0, 0.5, 1.0, seed, 64)[1] for seed in range(6)]
-    batches.clear()
+    batches = {"generate": [], "edit": []}
+    for name, fn in (("generate", "generate_requests"), ("edit", "edit_requests")):
+        real = getattr(reqmod, fn)
+        monkeypatch.setattr(reqmod, fn, lambda m, reqs, real=real, name=name: batches[name].append(len(reqs)) or real(m, reqs))
+    res = models.tokenizer.config.resolution
+    picture = (np.arange(res * res * 3).reshape(res, res, 3) * 7 % 255).astype(np.uint8)
+    Image.fromarray(picture).save(tmp_path / "in.png")
+    # (region, class, task, amount, decoding, results, seed): two inpaintings share a batch, two outpaintings another
+    edits = [("top half", "3: 3", "inpaint", 1, "both", 2, 5), ("centre", "none", "inpaint", 1, "both", 3, 6),
+             ("top half", "1: 1", "outpaint", 2, "kept-first", 2, 7), ("top half", "2: 2", "outpaint", 2, "kept-first", 1, 8)]
+    lone_edits = [reqmod.edit_images(models, {"background": picture}, r, c, m, "right", a, meth, n, sd, 64)[1]
+                  for r, c, m, a, meth, n, sd in edits]
+    lone = [reqmod.generate_images(models, "3: 3", 2, 3.0, 0.5, 1.0, seed, 64)[1] for seed in range(6)]
+    batches["generate"].clear(), batches["edit"].clear()
     app, url = _launch(models, queue_size=16)
     try:
         assert set(client_mod.Client(url, verbose=False).view_api(return_format="dict")["named_endpoints"]) == \
             {"/generate", "/edit"}
-        got = [None] * 6
+        got, got_edits = [None] * 6, [None] * len(edits)
 
         def request(k):
             got[k] = client_mod.Client(url, verbose=False).predict("3: 3", 2, 3.0, 0.5, 1.0, k, 64, api_name="/generate")
 
+        def edit_request(k):
+            r, c, m, a, meth, n, sd = edits[k]
+            value = {"background": client_mod.handle_file(str(tmp_path / "in.png")), "layers": [], "composite": None}
+            got_edits[k] = client_mod.Client(url, verbose=False).predict(value, r, c, m, "right", a, meth, n, sd, 64,
+                                                                          api_name="/edit")
+
         threads = [threading.Thread(target=request, args=(k,)) for k in range(6)]
+        threads += [threading.Thread(target=edit_request, args=(k,)) for k in range(len(edits))]
         [t.start() for t in threads]
-        [t.join(timeout=120) for t in threads]
-        assert all(g is not None for g in got)  # every request answered
+        [t.join(timeout=180) for t in threads]
+        assert all(g is not None for g in got + got_edits)  # every request answered
         for k in range(6):
             assert all((a == b).all() for a, b in zip(_pixels(got[k][1]), _pixels(lone[k]))), k
-        assert max(batches) > 1  # at least two requests shared a decode
+        for k in range(len(edits)):
+            assert len(got_edits[k][1]) == len(lone_edits[k])
+            assert all((a == b).all() for a, b in zip(_pixels(got_edits[k][1]), _pixels(lone_edits[k]))), k
+        assert max(batches["generate"]) > 1 and max(batches["edit"]) > 1  # requests shared a decode
         _run_readme_client_snippet(url, tmp_path, monkeypatch)
     finally:
         _close(app)
@@ -168,8 +191,10 @@ def test_a_full_queue_says_busy_at_once(tmp_path, monkeypatch):
 
     save_tiny_pair(tmp_path / "g", tmp_path / "t", [str(i) for i in range(10)])
     models = appmod.load_models(tmp_path / "g", tmp_path / "t")
-    real = appmod.generate_requests
-    monkeypatch.setattr(appmod, "generate_requests", lambda m, reqs: time.sleep(3) or real(m, reqs))  # a busy app
+    from rar.apps import app_requests as reqmod
+
+    real = reqmod.generate_requests
+    monkeypatch.setattr(reqmod, "generate_requests", lambda m, reqs: time.sleep(3) or real(m, reqs))  # a busy app
     app, url = _launch(models, queue_size=2)
     try:
         outcome = [None] * 16  # 8 wait in the runner, 2 in Gradio's queue, the others are refused
@@ -206,3 +231,39 @@ def _run_readme_client_snippet(url: str, tmp_path, monkeypatch) -> None:
     namespace: dict = {}
     exec(compile(code.replace("http://127.0.0.1:7860/", url), "README.md", "exec"), namespace)  # noqa: S102
     assert len(namespace["pngs"]) == 4 and "rar.generate" not in str(namespace["pngs"])
+
+
+def test_runner_batches_each_kind_apart_and_keeps_arrival_order():
+    """The decode runner: jobs of two kinds arriving interleaved are served in batches of one kind
+    each, the set-aside kind batched together too, every caller getting its own result; other
+    calls run in between, one at a time."""
+    import threading
+
+    from rar.apps.app_runner import DecodeRunner
+
+    runner, seen = DecodeRunner(max_requests=8, window=0.5), []
+
+    def kind(name):
+        return lambda reqs: seen.append((name, list(reqs))) or [f"{name}{r}" for r in reqs]
+
+    many = {"a": kind("a"), "b": kind("b")}
+    loop = threading.Thread(target=runner.run, daemon=True)
+    loop.start()
+    while runner.jobs is None:
+        time.sleep(0.01)
+    got = {}
+    plan = [("a", 0), ("b", 1), ("a", 2), ("b", 3), ("call", 4), ("a", 5)]
+
+    def submit(k, r):
+        got[r] = runner.call(lambda x: f"c{x}", r) if k == "call" else runner.batch(many[k], r)
+
+    threads = []
+    for k, r in plan:
+        threads.append(threading.Thread(target=submit, args=(k, r)))
+        threads[-1].start()
+        time.sleep(0.02)  # arrival order as planned
+    [t.join(timeout=30) for t in threads]
+    runner.shutdown()
+    loop.join(timeout=30)
+    assert got == {0: "a0", 1: "b1", 2: "a2", 3: "b3", 4: "c4", 5: "a5"}
+    assert seen == [("a", [0, 2, 5]), ("b", [1, 3])]

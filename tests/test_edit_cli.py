@@ -108,3 +108,41 @@ def test_window_plan_covers_new_strips_with_context():
     assert window_plan(16, 36, "right", 20, 16) == [(0, 8), (0, 16), (0, 20)]
     assert window_plan(16, 36, "left", 20, 16) == [(0, 12), (0, 4), (0, 0)]
     assert window_plan(20, 20, "right", 4, 16) == [(0, 4), (4, 4)]
+
+
+@pytest.mark.parametrize("steps", [None, 4])
+def test_edits_of_several_requests_in_one_batch_equal_lone_edits(files, steps):
+    """Several users' edits decoded as one batch (`rar app` under load): each request, with its
+    own image, mask, class, count and seed, gets exactly the tokens and pixels of a lone call,
+    for inpainting (kept-first and the raster baseline) and for outpainting."""
+    from rar.inference import SamplingSettings
+    from rar.inference.image_editing import EditJob, inpaint, inpaint_many, outpaint, outpaint_many
+    from rar.model.weights import load_generator
+    from rar.tokenizer.vqgan import load_any_tokenizer
+
+    gen, vq = load_generator(files / "gen"), load_any_tokenizer(files / "tok").eval()
+    res = vq.config.resolution
+    g = torch.Generator().manual_seed(3)
+    images = [torch.rand(3, res, res, generator=g) for _ in range(3)]
+    masks = [torch.zeros(res, res, dtype=torch.bool) for _ in range(3)]
+    masks[0][: res // 2] = True
+    masks[1][:, res // 4:] = True
+    masks[2][res // 3:, : res // 2] = True
+    jobs = [EditJob(images[0], masks[0], 3, 2, 5), EditJob(images[1], masks[1], None, 1, 6),
+            EditJob(images[2], masks[2], 7, 3, 5)]
+    settings = SamplingSettings(steps=steps)
+    for kept_first in (True, False):
+        together = inpaint_many(gen, vq, jobs, kept_first=kept_first, settings=settings)
+        for job, got in zip(jobs, together):
+            alone = inpaint(gen, vq, job.image, job.mask, job.label, num=job.num, seed=job.seed,
+                            kept_first=kept_first, settings=settings)
+            assert torch.equal(got["tokens"], alone["tokens"]) and torch.equal(got["images"], alone["images"])
+    together = outpaint_many(gen, vq, jobs, "right:2,up:1", settings=settings)
+    for job, got in zip(jobs, together):
+        alone = outpaint(gen, vq, job.image, "right:2,up:1", job.label, num=job.num, seed=job.seed, settings=settings)
+        assert torch.equal(got["tokens"], alone["tokens"]) and torch.equal(got["images"], alone["images"])
+    assert not torch.equal(together[0]["tokens"][0], together[2]["tokens"][0])  # same seed, other image and class
+    with pytest.raises(ValueError, match="jobs is empty"):
+        inpaint_many(gen, vq, [])
+    with pytest.raises(ValueError, match=r"mask must be \(32, 32\)"):
+        inpaint_many(gen, vq, [jobs[0], EditJob(images[1], None, 1, 1, 0)])

@@ -1,4 +1,4 @@
-"""The thread that decodes for `rar app`, and how concurrent Generate requests become one batch.
+"""The thread that decodes for `rar app`, and how concurrent requests become one batch.
 
 Gradio runs each request's handler in a worker thread; the handlers hand their work to one
 `DecodeRunner`, which runs it on the thread that called `run` (the process's main thread in
@@ -6,9 +6,10 @@ Gradio runs each request's handler in a worker thread; the handlers hand their w
 - torch's and rar's compiled CPU kernels share one OpenMP runtime whose thread teams belong to the
   calling thread; from a Gradio worker thread RAR-B's decode was measured 1.5-2x slower than from
   the main thread (BENCHMARKS.md, app under load);
-- one thread sees every waiting request: Generate requests that arrive within `window` seconds of
-  each other (up to `max_requests`) are decoded together by `generate_many`, so a burst of users
-  shares the network passes.
+- one thread sees every waiting request: requests of one kind (Generate, Edit) that arrive within
+  `window` seconds of each other (up to `max_requests`) are computed together by that kind's
+  function (`app_requests.generate_results`, `edit_results`), so a burst of users shares the
+  network passes.
 Without `run` (tests that call the handlers, notebooks) work runs inline in the caller's thread.
 """
 from __future__ import annotations
@@ -37,18 +38,19 @@ class DecodeRunner:
         self.jobs.put(("call", (fn, args), done))
         return done.result()
 
-    def generate(self, generate_many, request):
-        """generate_many([request, ...])[i] for this request, batched with others waiting."""
+    def batch(self, many, request):
+        """many([request, ...])[i] for this request, computed together with the other requests of
+        the same `many` that are waiting (Generate requests, Edit requests)."""
         if self._inline():
-            return generate_many([request])[0]
+            return many([request])[0]
         done = concurrent.futures.Future()
-        self.jobs.put(("generate", (generate_many, request), done))
+        self.jobs.put(("batch", (many, request), done))
         return done.result()
 
     def run(self, stop=None) -> None:
         """Serve jobs on this thread until KeyboardInterrupt or `shutdown`, then call `stop`."""
         self.jobs, self.thread = queue.Queue(), threading.current_thread()
-        later: list = []
+        later: list = []  # jobs taken from the queue while a batch gathered, in arrival order
         try:
             while True:
                 try:
@@ -57,8 +59,8 @@ class DecodeRunner:
                     continue
                 if job is None:
                     break
-                if job[0] == "generate":
-                    later += self._run_generate([job])
+                if job[0] == "batch":
+                    later = self._run_batch(job, later)
                 else:
                     self._settle([job[2]], lambda: [job[1][0](*job[1][1])])
         except KeyboardInterrupt:
@@ -72,23 +74,24 @@ class DecodeRunner:
         if self.jobs is not None:
             self.jobs.put(None)
 
-    def _run_generate(self, batch: list) -> list:
-        """Gather Generate jobs for `window` seconds after the last one came (other jobs are kept
-        for later, in order), then decode them together; returns the kept jobs."""
-        kept = []
-        while len(batch) < self.max_requests:
+    def _run_batch(self, first, later: list) -> list:
+        """Serve `first` with the waiting jobs of the same function: those already set aside in
+        `later`, then those arriving within `window` seconds of the last one (up to `max_requests`
+        in all); other jobs are kept, in order. Returns the jobs still to run."""
+        many = first[1][0]
+        same = [j for j in later if j is not None and j[0] == "batch" and j[1][0] is many][:self.max_requests - 1]
+        kept = [j for j in later if not any(j is s for s in same)]
+        batch = [first, *same]
+        while len(batch) < self.max_requests and None not in kept:
             try:
                 job = self.jobs.get(timeout=self.window)
             except queue.Empty:
                 break
-            if job is not None and job[0] == "generate" and job[1][0] is batch[0][1][0]:
+            if job is not None and job[0] == "batch" and job[1][0] is many:
                 batch.append(job)
             else:
                 kept.append(job)
-                if job is None:
-                    break
-        generate_many = batch[0][1][0]
-        self._settle([j[2] for j in batch], lambda: generate_many([j[1][1] for j in batch]))
+        self._settle([j[2] for j in batch], lambda: many([j[1][1] for j in batch]))
         return kept
 
     @staticmethod

@@ -121,7 +121,8 @@ def inpaint_files(image, mask, out_dir, *, generator, tokenizer, label=None, cla
     options = _edit_options(model, settings, order, kept_first, schedule_over)
     out = _output_folder(out_dir, num, paste_back, overwrite, [image, mask])
     t0 = time.perf_counter()
-    r = inpaint(prepare(model), vq, img, m, c, num=num, dilate=dilate, paste=paste_back, seed=seed, **options)
+    r = inpaint(prepare(model), vq, img, m, c, num=num, dilate=dilate, paste=paste_back, seed=seed,
+                reconstruction=False, **options)  # the grid shows the original, not its reconstruction
     settings = {"command": "inpaint", "image": str(image), "mask": str(mask), "class": c, "num": num,
                 "dilate": dilate, "paste_back": paste_back, "seed": seed, "regenerated_tokens": int((~r["keep"]).sum()),
                 **_recorded(options)}

@@ -20,11 +20,11 @@ from __future__ import annotations
 import torch
 
 from ..core.checks import check_indices, check_labels, check_tokens
-from ..core.seeds import resolve_seed
 from ..decode.backend import DecodeBackend
 from ..model.transformer import RAR
 from .parallel import check_steps, row_groups, run_parallel
-from .sampler import SamplingSettings, as_backend, decode_orders, guidance_scales, resolve_settings, run_decoder, sample_uniforms
+from .sampler import (SamplingSettings, as_backend, decode_orders, guidance_scales, resolve_seeds, resolve_settings,
+                      run_decoder, sample_uniforms)
 
 SCHEDULES = ("generated", "sequence")
 
@@ -84,7 +84,8 @@ def edit(model: RAR | DecodeBackend, tokens, keep, labels, *, settings: Sampling
     name, a permutation (T,) or one per sample (B, T)); each sample may have its own mask. With
     `kept_first=False`, the raster baseline: decode in `order`, teacher-forcing kept tokens.
     Sampling settings, `seed`/`generator`/`indices` and `model` as in `rar.generate`: a sample
-    depends only on (seed, index); none kept equals `generate` with the same order and seed.
+    depends only on (seed, index), and `seed` may be one per row (several users' edits in one
+    batch); none kept equals `generate` with the same order and seed.
     `steps` < T decodes the unknown tokens in at most that many passes (`rar.inference.parallel`),
     after the same one-pass prefill of the kept ones; rows that share their number of kept
     tokens and group sizes decode as one batch.
@@ -100,7 +101,7 @@ def edit(model: RAR | DecodeBackend, tokens, keep, labels, *, settings: Sampling
     s = resolve_settings(backend.sampling, guidance_scale, guidance_scale_pow, temperature, top_k, top_p, settings,
                          steps, schedule)
     n_steps, _ = check_steps(s.steps or T, s.schedule, T)
-    seed, indices = resolve_seed(seed, generator), check_indices(indices, B)
+    seed, indices = resolve_seeds(seed, generator, B), check_indices(indices, B)
     orders, times = decode_orders(order, backend, tokens.device, B, seed, indices, n_steps)
     uniforms = sample_uniforms(seed, indices, T, tokens.device)  # (B, T)
     out = tokens.clone()

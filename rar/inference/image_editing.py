@@ -10,6 +10,8 @@ the original.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -60,13 +62,19 @@ def default_feather(resolution: int) -> int:
     return max(1, resolution // 64)  # 4 px at 256
 
 
-def _setup(generator: RAR | DecodeBackend, tokenizer, image: torch.Tensor):
+def _setup(generator: RAR | DecodeBackend, tokenizer, jobs) -> tuple[DecodeBackend, int, int]:
+    """(backend, resolution, grid) after checking the pair and every job's count and image shape."""
+    if not jobs:
+        raise ValueError("jobs is empty; give at least one EditJob.")
+    for job in jobs:
+        check_counts(num=job.num)
     backend = generator if isinstance(generator, DecodeBackend) else prepare(generator)
     res, grid = tokenizer.config.resolution, backend.config.grid_size
     check_pair(backend, tokenizer)
-    if image.shape != (3, res, res):
-        raise ValueError(f"image must be a (3, {res}, {res}) float tensor in [0, 1] (the tokenizer's resolution), "
-                         f"got shape {tuple(image.shape)}.")
+    for job in jobs:
+        if job.image.shape != (3, res, res):
+            raise ValueError(f"image must be a (3, {res}, {res}) float tensor in [0, 1] (the tokenizer's resolution), "
+                             f"got shape {tuple(job.image.shape)}.")
     return backend, res, grid
 
 
@@ -78,35 +86,75 @@ def _label(backend: DecodeBackend, label) -> int:
     return c
 
 
+@dataclass
+class EditJob:
+    """One request of `inpaint_many` / `outpaint_many`: image (3, H, W) in [0, 1], mask (H, W) bool
+    (True = regenerate; inpainting only), class (None = unconditional), number of results and
+    seed. Its results are the rows (seed, index 0..num-1), whatever else shares the batch."""
+    image: torch.Tensor
+    mask: torch.Tensor | None = None
+    label: int | None = None
+    num: int = 4
+    seed: int = 0
+
+
+def _rows(backend: DecodeBackend, jobs: list[EditJob]) -> tuple[torch.Tensor, list[int], list[int]]:
+    """labels (N,), seeds and indices of the jobs' rows, job after job."""
+    labels = torch.tensor([_label(backend, j.label) for j in jobs for _ in range(j.num)], device=backend.device)
+    return labels, [j.seed for j in jobs for _ in range(j.num)], [i for j in jobs for i in range(j.num)]
+
+
 @torch.inference_mode()
 def inpaint(generator: RAR | DecodeBackend, tokenizer, image: torch.Tensor, mask: torch.Tensor, label=None, *,
             num: int = 4, dilate: int = 0, paste: bool = True, feather_radius: int | None = None, seed: int = 0,
             settings: SamplingSettings | None = None, order=None, kept_first: bool = True,
-            schedule_over: str = "sequence", progress: bool = False) -> dict:
+            schedule_over: str = "sequence", progress: bool = False, reconstruction: bool = True) -> dict:
     """Regenerate the masked part of `image` `num` times with class `label` (None = unconditional;
     another class than the image's edits it). `settings`, `order`, `kept_first`, `schedule_over`
     and `progress` are `rar.edit`'s. Returns {"images" (num, 3, H, W),
     "raw" (the decodes before pasting back), "tokens" (num, T), "keep" (T,), "masked" (3, H, W),
-    "reconstruction" (3, H, W)}."""
-    check_counts(num=num)
-    backend, res, grid = _setup(generator, tokenizer, image)
-    if mask.shape != (res, res):
-        raise ValueError(f"mask must be ({res}, {res}) like the image, got shape {tuple(mask.shape)}.")
-    device = backend.device
-    image, mask = image.to(device).float(), mask.to(device).bool()
-    keep = ~token_mask(mask, res // grid, dilate).flatten()  # (T,)
-    codes = tokenizer.encode(image[None])  # (1, T)
-    label = _label(backend, label)
-    out = edit(backend, codes.expand(num, -1), keep.expand(num, -1), torch.full((num,), label, device=device),
-               settings=settings, order=order, kept_first=kept_first, schedule_over=schedule_over, seed=seed,
-               progress=progress)  # (num, T)
-    raw = tokenizer.decode(out).float()  # (num, 3, H, W)
-    pixels = pixel_mask(~keep.view(grid, grid), res // grid) if dilate else mask
-    radius = default_feather(res) if feather_radius is None else feather_radius
-    images = paste_back(image, raw, pixels, radius) if paste else raw
-    masked = torch.where(mask, torch.full_like(image, 0.5), image)
-    return {"images": images, "raw": raw, "tokens": out, "keep": keep, "masked": masked,
-            "reconstruction": tokenizer.decode(codes).float()[0]}
+    "reconstruction" (3, H, W), the tokenizer's decode of the whole image, one more decode: skipped
+    with `reconstruction=False`}."""
+    return inpaint_many(generator, tokenizer, [EditJob(image, mask, label, num, seed)], dilate=dilate, paste=paste,
+                        feather_radius=feather_radius, settings=settings, order=order, kept_first=kept_first,
+                        schedule_over=schedule_over, progress=progress, reconstruction=reconstruction)[0]
+
+
+@torch.inference_mode()
+def inpaint_many(generator: RAR | DecodeBackend, tokenizer, jobs: list[EditJob], *, dilate: int = 0,
+                 paste: bool = True, feather_radius: int | None = None, settings: SamplingSettings | None = None,
+                 order=None, kept_first: bool = True, schedule_over: str = "sequence",
+                 progress: bool = False, reconstruction: bool = True) -> list[dict]:
+    """`inpaint` of several requests (each its own image, mask, class, count and seed) decoded as
+    one batch (several users of `rar app`); result k equals `inpaint` of job k alone, token for
+    token, and its images are decoded as their own batch so they are equal pixel for pixel too."""
+    backend, res, grid = _setup(generator, tokenizer, jobs)
+    device, radius = backend.device, default_feather(res) if feather_radius is None else feather_radius
+    images, masks, codes, keeps = [], [], [], []
+    for job in jobs:
+        if job.mask is None or job.mask.shape != (res, res):
+            shape = None if job.mask is None else tuple(job.mask.shape)
+            raise ValueError(f"mask must be ({res}, {res}) like the image, got {shape}.")
+        images.append(job.image.to(device).float())
+        masks.append(job.mask.to(device).bool())
+        keeps.append(~token_mask(masks[-1], res // grid, dilate).flatten())  # (T,)
+        codes.append(tokenizer.encode(images[-1][None]))  # (1, T)
+    labels, seeds, indices = _rows(backend, jobs)
+    nums = [j.num for j in jobs]
+    out = edit(backend, torch.cat([c.expand(n, -1) for c, n in zip(codes, nums)]),
+               torch.cat([k.expand(n, -1) for k, n in zip(keeps, nums)]), labels, settings=settings, order=order,
+               kept_first=kept_first, schedule_over=schedule_over, seed=seeds, indices=indices,
+               progress=progress)  # (N, T)
+    results = []
+    for image, mask, c, keep, part in zip(images, masks, codes, keeps, out.split(nums)):
+        raw = tokenizer.decode(part).float()  # (num, 3, H, W)
+        pixels = pixel_mask(~keep.view(grid, grid), res // grid) if dilate else mask
+        results.append({"images": paste_back(image, raw, pixels, radius) if paste else raw, "raw": raw,
+                        "tokens": part, "keep": keep,
+                        "masked": torch.where(mask, torch.full_like(image, 0.5), image)})
+        if reconstruction:
+            results[-1]["reconstruction"] = tokenizer.decode(c).float()[0]
+    return results
 
 
 def parse_extend(specs) -> list[tuple[str, int]]:
@@ -172,16 +220,29 @@ def outpaint(generator: RAR | DecodeBackend, tokenizer, image: torch.Tensor, ext
     `progress` as in `rar.edit`). Returns
     {"images" (num, 3, H', W'), "raw", "tokens" (num, h', w'), "known" (h', w') the original's
     tokens, "canvas" (3, H', W') the original on grey}."""
-    check_counts(num=num)
-    backend, res, grid = _setup(generator, tokenizer, image)
+    return outpaint_many(generator, tokenizer, [EditJob(image, None, label, num, seed)], extend, paste=paste,
+                         feather_radius=feather_radius, settings=settings, order=order, kept_first=kept_first,
+                         schedule_over=schedule_over, progress=progress)[0]
+
+
+@torch.inference_mode()
+def outpaint_many(generator: RAR | DecodeBackend, tokenizer, jobs: list[EditJob], extend, *, paste: bool = True,
+                  feather_radius: int | None = None, settings: SamplingSettings | None = None, order=None,
+                  kept_first: bool = True, schedule_over: str = "sequence", progress: bool = False) -> list[dict]:
+    """`outpaint` of several requests with the same `extend` (each its own image, class, count and
+    seed) decoded as one batch; result k equals `outpaint` of job k alone (see `inpaint_many`)."""
+    backend, res, grid = _setup(generator, tokenizer, jobs)
     sides = parse_extend(extend)
     check_canvas(sides, grid)
     device, f = backend.device, res // grid
-    image = image.to(device).float()
-    codes = tokenizer.encode(image[None]).view(1, grid, grid).expand(num, -1, -1).clone()  # (num, g, g)
+    images = [job.image.to(device).float() for job in jobs]
+    nums = [j.num for j in jobs]
+    codes = torch.cat([tokenizer.encode(im[None]).view(1, grid, grid).expand(n, -1, -1)
+                       for im, n in zip(images, nums)]).clone()  # (N, g, g)
+    labels, seeds, indices = _rows(backend, jobs)
+    N = labels.shape[0]
     known = torch.ones(grid, grid, dtype=torch.bool, device=device)
     original = known.clone()  # where the original image's tokens are, on the final canvas
-    label = torch.full((num,), _label(backend, label), device=device)
     window = 0
     for side, k in sides:
         pad = {"left": (k, 0, 0, 0), "right": (0, k, 0, 0), "up": (0, 0, k, 0), "down": (0, 0, 0, k)}[side]
@@ -190,16 +251,20 @@ def outpaint(generator: RAR | DecodeBackend, tokenizer, image: torch.Tensor, ext
             sub_keep = known[r:r + grid, c:c + grid].flatten()  # (T,)
             if bool(sub_keep.all()):
                 continue
-            sub = codes[:, r:r + grid, c:c + grid].reshape(num, -1)
-            out = edit(backend, sub, sub_keep.expand(num, -1), label, settings=settings, order=order,
-                       kept_first=kept_first, schedule_over=schedule_over, seed=mix_seed(seed, window), progress=progress)
-            codes[:, r:r + grid, c:c + grid] = out.view(num, grid, grid)
+            sub = codes[:, r:r + grid, c:c + grid].reshape(N, -1)
+            out = edit(backend, sub, sub_keep.expand(N, -1), labels, settings=settings, order=order,
+                       kept_first=kept_first, schedule_over=schedule_over, seed=[mix_seed(s, window) for s in seeds],
+                       indices=indices, progress=progress)  # (N, T)
+            codes[:, r:r + grid, c:c + grid] = out.view(N, grid, grid)
             known[r:r + grid, c:c + grid] = True
             window += 1
-    raw = tokenizer.decode(codes).float()  # (num, 3, H', W')
     new = ~pixel_mask(original, f)  # (H', W') generated pixels
-    canvas = torch.full_like(raw[0], 0.5)
-    canvas[:, ~new] = image.flatten(1)
     radius = default_feather(res) if feather_radius is None else feather_radius
-    images = paste_back(canvas, raw, new, radius) if paste else raw
-    return {"images": images, "raw": raw, "tokens": codes, "known": original, "canvas": canvas}
+    results = []
+    for image, part in zip(images, codes.split(nums)):
+        raw = tokenizer.decode(part).float()  # (num, 3, H', W'), each request's own decode batch
+        canvas = torch.full_like(raw[0], 0.5)
+        canvas[:, ~new] = image.flatten(1)
+        results.append({"images": paste_back(canvas, raw, new, radius) if paste else raw, "raw": raw, "tokens": part,
+                        "known": original, "canvas": canvas})
+    return results

@@ -19,7 +19,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..core.checks import check_tokenizer_fits
-from ..core.devices import keep_freed_memory, resolve_device
+from ..core.devices import check_memory, keep_freed_memory, resolve_device
 from ..core.schedules import warmup_cosine
 from ..core.seeds import mix_seed
 from ..data.batches import TokenData, gather_batch, global_batch_indices, load_token_shards, synthetic_tokens
@@ -40,6 +40,23 @@ def compute_loss(model, tokens: torch.Tensor, labels: torch.Tensor, orders: torc
     logits = model(tokens, labels, orders, recompute=recompute)  # (B, T, V)
     targets = tokens.gather(1, orders)  # (B, T) tokens in factorization order
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+
+# Activation floats kept per token and layer for the backward pass, in units of the width, a little
+# under what was measured (torch 2.13, CPU: tiny at batch 1024 and RAR-B at batch 8 kept 31-44 d
+# with checkpointing=attention, 23-33 d with selective); full keeps each block's input plus one
+# block's activations while it is recomputed.
+KEPT_PER_TOKEN_LAYER = {"attention": 28, "selective": 20, "full": 2}
+
+
+def training_bytes(config: RARConfig, micro_batch: int, checkpointing: str) -> int:
+    """A lower bound of one training step's memory: weights, gradients and AdamW's two moments
+    (16 bytes per parameter), the activations kept for backward and the logits with their
+    gradient, all fp32. A step refused by it cannot fit; one allowed may still not."""
+    d, L, T, V = config.hidden_size, config.num_layers, config.num_tokens + 1, config.codebook_size
+    params = L * (4 * d * d + 2 * d * config.mlp_size + 6 * d * d) + V * d
+    kept = KEPT_PER_TOKEN_LAYER[checkpointing] * L + (KEPT_PER_TOKEN_LAYER["attention"] if checkpointing == "full" else 0)
+    return 16 * params + 4 * micro_batch * T * (kept * d + 3 * V)
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -123,6 +140,10 @@ class Trainer:
             raise ValueError(f"sample_classes has class {too_big[0]}, but the data has "
                              f"{preset.config.num_classes} classes (0..{preset.config.num_classes - 1}).")
         self.opt = make_optimizer(self.raw, cfg.optim)
+        micro = cfg.batch_size // (self.world * cfg.grad_accum)
+        check_memory(training_bytes(preset.config, micro, cfg.checkpointing), self.device,
+                     f"a training step of {micro} sequences per process and micro-batch",
+                     "lower batch_size, raise grad_accum or use checkpointing=full")
         self.step = 0
         torch.manual_seed(mix_seed(cfg.seed, self.rank, 2))  # dropout masks differ per rank
 
