@@ -431,7 +431,8 @@ def test_an_unforeseen_error_is_one_line_and_debug_shows_the_traceback(files, tm
     argv = ["sample", "--generator", files / "gen", "--out", tmp_path / "s"]
     code, err = run_cli(argv, capsys)
     assert code == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
-    assert "KeyError" in err and "--debug" in err
+    assert "KeyError" in err and "--debug" in err and "rar/apps/sample_files.py:" in err
+    assert "slot" not in err  # the exception's own text is for --debug, not the one line
     with pytest.raises(KeyError):
         main(["--debug", *map(str, argv), "--overwrite"])
 

@@ -371,6 +371,20 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args)
 
 
+def _where(err: BaseException) -> str:
+    """The innermost place in rar's own code that `err` passed through: "rar/apps/x.py:12 (fn)"
+    (the exception's own text is for --debug: it names no input of the user's)."""
+    import traceback
+
+    package = Path(__file__).resolve().parents[1]
+    place = "an unknown place"
+    for frame in traceback.extract_tb(err.__traceback__):
+        path = Path(frame.filename).resolve()
+        if package in path.parents:
+            place = f"{path.relative_to(package.parent)}:{frame.lineno} ({frame.name})"
+    return place
+
+
 def _run(args) -> int:
     """Run the command: a user error is one line and exit status 2, never a traceback (--debug shows it)."""
     try:
@@ -391,8 +405,9 @@ def _run(args) -> int:
             print(f"rar {args.command}: error: out of memory ({str(err).splitlines()[0] if str(err) else 'no detail'}); "
                   "use a smaller --batch-size or fewer samples.", file=sys.stderr)
             return 2
-        print(f"rar {args.command}: error: {type(err).__name__}: {err} (a case rar does not check yet, or a bug; "
-              "run again with --debug for the traceback, and please report it).", file=sys.stderr)
+        print(f"rar {args.command}: error: an unexpected {type(err).__name__} at {_where(err)}, a case rar does not "
+              "check yet or a bug; run again with --debug for the traceback and its message, and please report it.",
+              file=sys.stderr)
         return 1
     return 0
 
