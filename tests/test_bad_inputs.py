@@ -468,8 +468,48 @@ def test_editing_api_refuses_a_tokenizer_of_another_codebook(files):
     OUTCOMES["inpaint API mismatched tokenizer"] = "clear"
 
 
+APP_CASES = {  # the app's two endpoints: (endpoint, changed argument, value, phrase)
+    "generate class 99": ("generate", 0, "99: x", "class 99"),
+    "generate no class": ("generate", 0, None, "choose a class"),
+    "generate 0 images": ("generate", 1, 0, "number of images"),
+    "generate 1.5 images": ("generate", 1, 1.5, "number of images"),
+    "generate seed -1": ("generate", 5, -1, "seed"),
+    "generate seed text": ("generate", 5, "abc", "seed must be a whole number"),
+    "edit no image": ("edit", 0, None, "upload an image"),
+    "edit empty brush": ("edit", 1, "brush", "brush over the region"),
+    "edit region unknown": ("edit", 1, "corner", "region must be one of"),
+    "edit class 99": ("edit", 2, "99: x", "class 99"),
+    "edit task unknown": ("edit", 3, "colorize", "task must be inpaint or outpaint"),
+    "edit outpaint 0": ("edit", 5, 0, "outpaint needs a side"),
+    "edit decoding unknown": ("edit", 6, "greedy", "decoding must be one of"),
+    "edit 9 results": ("edit", 7, 9, "number of results"),
+    "edit seed 1.5": ("edit", 8, 1.5, "seed"),
+}
+
+
+@pytest.mark.parametrize("name", list(APP_CASES))
+def test_app_requests_are_checked_before_any_work(name, files):
+    """Each bad argument of /generate and /edit is a ValueError naming it (the page shows it as one
+    message), raised while parsing, before the request joins a batch."""
+    from rar.apps.app import load_models
+    from rar.apps.app_requests import parse_edit, parse_request
+
+    endpoint, position, value, phrase = APP_CASES[name]
+    models = load_models(files / "gen", files / "tok")
+    picture = {"background": np.zeros((32, 32, 3), np.uint8), "layers": []}
+    if endpoint == "generate":
+        args, parse = ["0: 0", 2, 3.0, 0.5, 1.0, 0, 64], parse_request
+    else:
+        args, parse = [picture, "top half", "none", "outpaint" if position == 5 else "inpaint", "right", 2,
+                       "kept-first", 2, 0, 64], parse_edit
+    args[position] = value
+    with pytest.raises(ValueError, match=phrase):
+        parse(models, *args)
+    OUTCOMES[f"app {name}"] = "clear"
+
+
 def test_sweep_summary():
     """The count for the closing note; every case above asserted its own outcome."""
     counts = {k: sum(v == k for v in OUTCOMES.values()) for k in ("clear", "traceback")}
     print(f"\nbad-input sweep: {len(OUTCOMES)} tried, {counts['clear']} clear errors, {counts['traceback']} tracebacks")
-    assert counts["traceback"] == 0
+    assert counts["traceback"] == 0  # last in the file: pytest runs tests in file order
