@@ -475,6 +475,11 @@ APP_CASES = {  # the app's two endpoints: (endpoint, changed argument, value, ph
     "generate 1.5 images": ("generate", 1, 1.5, "number of images"),
     "generate seed -1": ("generate", 5, -1, "seed"),
     "generate seed text": ("generate", 5, "abc", "seed must be a whole number"),
+    "generate class text": ("generate", 0, "seven", "class must be a class id"),
+    "generate guidance text": ("generate", 2, "high", "guidance scale must be a number"),
+    "generate temperature 0": ("generate", 4, 0.0, "temperature"),
+    "generate passes 0": ("generate", 6, 0, "network passes"),
+    "generate passes 2.5": ("generate", 6, 2.5, "network passes"),
     "edit no image": ("edit", 0, None, "upload an image"),
     "edit empty brush": ("edit", 1, "brush", "brush over the region"),
     "edit region unknown": ("edit", 1, "corner", "region must be one of"),
@@ -484,6 +489,8 @@ APP_CASES = {  # the app's two endpoints: (endpoint, changed argument, value, ph
     "edit decoding unknown": ("edit", 6, "greedy", "decoding must be one of"),
     "edit 9 results": ("edit", 7, 9, "number of results"),
     "edit seed 1.5": ("edit", 8, 1.5, "seed"),
+    "edit class text": ("edit", 2, "a nine", "class must be a class id"),
+    "edit passes text": ("edit", 9, "many", "network passes"),
 }
 
 

@@ -42,13 +42,24 @@ class AppModels:
 
 
 def _class_id(choice) -> int | None:
+    """The class id of a dropdown value ("7: name", or 7), None for none."""
     if choice in (None, "", "none"):
         return None
-    return int(str(choice).split(":", 1)[0])
+    head = str(choice).split(":", 1)[0].strip()
+    if not head.lstrip("-").isdigit():
+        raise ValueError(f"class must be a class id or \"ID: name\" from the list, got {choice!r}.")
+    return int(head)
+
+
+def _number(value, name: str) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}.") from None
 
 
 def _save(images: torch.Tensor, prefix: str, nrow: int = 8) -> tuple[Image.Image, list[str]]:
-
+    """(the grid shown in the page, PNG paths of the images in a fresh temporary folder)."""
     pics = to_uint8(images)
     folder = Path(tempfile.mkdtemp(prefix="rar-app-"))
     paths = []
@@ -80,11 +91,20 @@ def parse_request(models: AppModels, choice, num, guidance_scale, guidance_scale
     num = _whole(num, "number of images")
     if not isinstance(num, int) or not 1 <= num <= MAX_IMAGES:
         raise ValueError(f"number of images must be between 1 and {MAX_IMAGES}, got {num}.")
-    T = models.backend.config.num_tokens
-    steps = None if steps is None or int(steps) >= T else int(steps)
-    settings = SamplingSettings(float(guidance_scale), float(guidance_scale_pow), float(temperature),
-                                steps=steps).resolve(models.backend.sampling)
+    settings = SamplingSettings(_number(guidance_scale, "guidance scale"), _number(guidance_scale_pow, "guidance power"),
+                                _number(temperature, "temperature"),
+                                steps=_passes(models, steps)).resolve(models.backend.sampling)
     return GenerateRequest(c, num, resolve_seed(_whole(seed, "seed"), None), settings)
+
+
+def _passes(models: AppModels, steps) -> int | None:
+    """Network passes: None (one per token) at or above the number of tokens."""
+    if steps is None:
+        return None
+    steps = _whole(steps, "network passes")
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"network passes must be a positive whole number, got {steps!r}.")
+    return None if steps >= models.backend.config.num_tokens else steps
 
 
 def _whole(value, name: str):
@@ -219,8 +239,7 @@ def parse_edit(models, value, region, choice, mode, side, amount, method, num, s
     label = _class_id(choice)
     if label is not None and not 0 <= label < models.backend.config.num_classes:
         raise ValueError(f"class {label} is outside 0..{models.backend.config.num_classes - 1}.")
-    T, res = models.backend.config.num_tokens, models.tokenizer.config.resolution
-    steps = None if steps is None or _whole(steps, "network passes") >= T else _whole(steps, "network passes")
+    res, steps = models.tokenizer.config.resolution, _passes(models, steps)
     extend = ()
     if mode == "outpaint":
         amount = _whole(amount, "outpaint amount")
