@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from rar import RAR, RARConfig, Regularization, generate
+from rar import edit as rar_edit
 from rar.apps.cli import main
 from rar.model.weights import save_generator
 from rar.tokenizer.vqgan import VQGAN, VQGANConfig, save_tokenizer
@@ -74,6 +75,9 @@ def _shards(folder: Path, tokens=None, labels=None, manifest=None, **changes) ->
 
 def _bad_shards(d: Path) -> None:
     _shards(d / "shards_ok")
+    _shards(d / "shards_cb128", tokens=np.arange(8 * 64).reshape(8, 1, 64) % 128, codebook_size=128)
+    _shards(d / "shards_empty", tokens=np.zeros((0, 1, 64), np.int64), labels=np.zeros(0, np.int64), num_images=0,
+            shards=[{"tokens": "tokens-00000-of-00001.npy", "labels": "labels-00000-of-00001.npy", "count": 0}])
     _shards(d / "shards_list", manifest="[1, 2]")
     _shards(d / "shards_not_json", manifest="{not json")
     _shards(d / "shards_no_key", manifest=json.dumps({"format": "rar-token-shards"}))
@@ -103,6 +107,23 @@ def _user_files(d: Path) -> None:
     (d / "scores.csv").write_text("image,label,nll_bits_per_token\nmine,0,1.0\n")  # an earlier score file
     (d / "samples_done").mkdir()
     (d / "samples_done" / "tokens.npy").write_bytes(b"my own tokens")
+    (d / "imgs_user").mkdir()
+    Image.fromarray(img).save(d / "imgs_user" / "a.png")  # an image set: no output may land inside it
+    for cls in ("3", "99"):  # class folders named by id, one beyond a 10-class generator
+        (d / "imgs_cls" / cls).mkdir(parents=True)
+        Image.fromarray(img).save(d / "imgs_cls" / cls / "a.png")
+    (d / "mine.npz").write_text("my own notes, not samples")
+    (d / "two_names.txt").write_text("zero\none\n")
+    (d / "gap_names.txt").write_text("\n".join(["zero", "", *[f"c{i}" for i in range(2, 11)]]) + "\n")
+    (d / "empty.yaml").write_text("")
+    (d / "number.yaml").write_text("42\n")
+    base = ROOT / "configs" / "tiny_synthetic.yaml"
+    for name, variants, extra in [("escape", "{'../../escape': []}", ""), ("sets_out_dir", "{a: [out_dir=x]}", ""),
+                                  ("digits_synthetic", "{a: []}", "evaluation: digits\n")]:
+        (d / f"study_{name}.yaml").write_text(f"base: {base}\nvariants: {variants}\nseeds: [0]\n{extra}"
+                                              f"evaluation: loss\nout_dir: {d / 'study_runs'}\n"
+                                              if not extra else f"base: {base}\nvariants: {variants}\nseeds: [0]\n"
+                                              f"{extra}out_dir: {d / 'study_runs'}\n")
 
 
 def run_cli(argv, capsys):
@@ -260,6 +281,75 @@ CLI_CASES = {
     "app queue size 0": (["app", "--demo", "{D}", "--queue-size", "0"], "--queue-size"),
     "reconstruct resolution 0": (["reconstruct", "--tokenizer", "{D}/tok", "--dataset", "digits", "--resolution", "0",
                                   "--out", "{T}/r.png"], "resolution"),
+    # no output inside an input folder, even with --overwrite; no folder of other files taken over
+    "score output inside the images": (["score", "--generator", "{D}/gen", "--tokenizer", "{D}/tok", "--data",
+                                        "{D}/imgs_user", "--out", "{D}/imgs_user/scores.csv", "--overwrite"],
+                                       "inside the input folder", 2, ["imgs_user/a.png"]),
+    "reconstruct output inside the images": (["reconstruct", "--tokenizer", "{D}/tok", "--data", "{D}/imgs_user", "--out",
+                                              "{D}/imgs_user/a.png", "--overwrite"], "inside the input folder", 2,
+                                             ["imgs_user/a.png"]),
+    "tokenize into token shards it did not start": (["tokenize", "--tokenizer", "{D}/tok", "--data", "{D}/imgs_cls",
+                                                     "--num-workers", "0", "--out", "{D}/shards_ok"], "did not start", 2,
+                                                    ["shards_ok/manifest.json", "shards_ok/tokens-00000-of-00001.npy"]),
+    "tokenize into the images": (["tokenize", "--tokenizer", "{D}/tok", "--data", "{D}/imgs_cls", "--num-workers", "0",
+                                  "--out", "{D}/imgs_cls/4"], "inside the input folder"),
+    "sample-eval output is a folder": (["sample-eval", "--generator", "{D}/gen", "--tokenizer", "{D}/tok", "--out",
+                                        "{D}/no_images"], "existing folder"),
+    "sample-eval output not .npz": (["sample-eval", "--generator", "{D}/gen", "--tokenizer", "{D}/tok", "--out",
+                                     "{T}/s.png"], "not an .npz file name"),
+    "sample-eval over a user's file": (["sample-eval", "--generator", "{D}/gen", "--tokenizer", "{D}/tok", "--out",
+                                        "{D}/mine.npz"], "not an .npz archive", 2, ["mine.npz"]),
+    "sample output empty path": (["sample", "--generator", "{D}/gen", "--out", ""], "empty path"),
+    "score output not .csv": (["score", "--generator", "{D}/gen", "--data", "{D}/shards_ok", "--out", "{T}/s.png"],
+                              "not a .csv"),
+    # found before training or scoring, naming the input
+    "train eval.heldout of another codebook": (["train", "{C}", "{S}shards_ok", "eval.every=2",
+                                                "eval.heldout={D}/shards_cb128"], "eval.heldout"),
+    "train eval.heldout missing": (["train", "{C}", "{S}shards_ok", "eval.every=2", "eval.heldout={D}/nowhere"],
+                                   "eval.heldout"),
+    "train eval.samples beyond the limit": (["train", "{C}", "eval.every=2", "eval.samples=1000000000"], "eval.samples"),
+    "train on token shards without images": (["train", "{C}", "{S}shards_empty"], "hold no images"),
+    "score class folder beyond the classes": (["score", "--generator", "{D}/gen", "--tokenizer", "{D}/tok", "--data",
+                                               "{D}/imgs_cls", "--out", "{T}/s.csv"], "class folder '99'"),
+    "score shards of another codebook": (["score", "--generator", "{D}/gen", "--data", "{D}/shards_cb128", "--out",
+                                          "{T}/s.csv"], "codebook"),
+    "app port out of range": (["app", "--demo", "{D}", "--port", "70000"], "--port"),
+    "ablate variant name outside out_dir": (["ablate", "{D}/study_escape.yaml"], "plain folder name"),
+    "ablate variant sets out_dir": (["ablate", "{D}/study_sets_out_dir.yaml"], "variants.a"),
+    "ablate digits evaluation of synthetic data": (["ablate", "{D}/study_digits_synthetic.yaml"], "evaluation 'digits'"),
+    # config files and overrides: what is wrong, and where it came from
+    "train override without a value": (["train", "{C}", "max_steps="], "has no value"),
+    "train override of the wrong type": (["train", "{C}", "max_steps=1.5"], "override 'max_steps=1.5'"),
+    "train list key given a scalar": (["train", "{C}", "sample_classes=1"], "expected a list"),
+    "train config file empty": (["train", "{D}/empty.yaml"], "is empty"),
+    "train config file holds a number": (["train", "{D}/number.yaml"], "expected a YAML mapping"),
+    "train config file is a folder": (["train", "{D}/no_images"], "is a folder"),
+    "train end_lr above lr": (["train", "{C}", "optim.end_lr=1"], "optim.end_lr"),
+    "train-tokenizer device=tpu": (["train-tokenizer", "{TC}", "device=tpu", "out_dir={T}/tt"], "device 'tpu'"),
+    "train-tokenizer seed=-1": (["train-tokenizer", "{TC}", "seed=-1", "out_dir={T}/tt"], "'seed'"),
+    "train-tokenizer dropout=1.5": (["train-tokenizer", "{TC}", "model.dropout=1.5", "out_dir={T}/tt"], "model.dropout"),
+    "tokenize resolution 0": (["tokenize", "--tokenizer", "{D}/tok", "--data", "{D}/imgs_cls", "--resolution", "0",
+                               "--out", "{T}/t"], "--resolution"),
+    "tokenize workers -1": (["tokenize", "--tokenizer", "{D}/tok", "--data", "{D}/imgs_cls", "--num-workers", "-1",
+                             "--out", "{T}/t"], "--num-workers"),
+    "evaluate batch size 0": (["evaluate", "{D}/digits_label_12.npz", "--digits", "--batch-size", "0"], "--batch-size"),
+    "evaluate ref not an npz": (["evaluate", "{D}/digits_64px.npz", "--ref", "{D}/a_file"], "--ref"),
+    "score random orders, seed -1": (["score", "--generator", "{D}/gen", "--data", "{D}/shards_ok", "--orders", "random",
+                                      "--seed", "-1", "--out", "{T}/s.csv"], "seed must be an integer >= 0"),
+    "class names fewer than the classes": (["sample", "--generator", "{D}/gen", "--class-names", "{D}/two_names.txt",
+                                            "--classes", "one", "--out", "{T}/s"], "2 names for a generator of 10"),
+    "class names with a blank line": (["sample", "--generator", "{D}/gen", "--class-names", "{D}/gap_names.txt",
+                                       "--classes", "c5", "--out", "{T}/s"], "blank line 2"),
+    "schedule without steps": (["sample", "{G}", "--schedule", "cosine"], "give --steps"),
+    "refine fraction without rounds": (["sample", "{G}", "--refine-fraction", "0.5"], "without --refine-rounds"),
+    "score several orders of a named order": (["score", "--generator", "{D}/gen", "--data", "{D}/shards_ok",
+                                               "--num-orders", "5", "--out", "{T}/s.csv"], "--orders random"),
+    "evaluate digits with a reference batch": (["evaluate", "{D}/digits_label_12.npz", "--digits", "--ref",
+                                                "{D}/digits_64px.npz"], "--ref is not used with --digits"),
+    "ablate out_dir is a file": (["ablate", "{D}/study_sets_out_dir.yaml", "variants={a: []}", "out_dir={D}/a_file"],
+                                 "is an existing file"),
+    "inpaint two classes": (["inpaint", "{D}/photo.png", "--mask", "{D}/mask.png", "--generator", "{D}/gen",
+                             "--tokenizer", "{D}/tok", "--class", "1,2", "--out", "{T}/i"], "--class takes one class"),
 }
 
 
@@ -318,12 +408,64 @@ def test_generate_rejects_bad_arguments(files):
         (dict(labels=[1], top_k=2.5), "top_k"),
         (dict(labels=[1], order=torch.zeros(64, dtype=torch.long)), "permutation"),
         (dict(labels=[1], order="diagonal"), "unknown order"),
+        (dict(labels=None), "labels must be class ids"),
+        (dict(labels="3"), "labels must be class ids"),
+        (dict(labels=[1], indices=5), "indices must be one integer"),
+        (dict(labels=[1], indices=[1.7]), "indices must be one integer"),
+        (dict(labels=[1], indices=[float("nan")]), "indices must be one integer"),
+        (dict(labels=[1], order=["raster"]), "order must be"),
     ]
     for kwargs, message in bad:
         labels = kwargs.pop("labels")
         with pytest.raises(ValueError, match=message):
             generate(model, labels, **kwargs)
         OUTCOMES[f"generate {message}"] = "clear"
+    wrong_types = [(dict(model=None), "model must be a rar.RAR"), (dict(model=str(files / "gen")), "model must be"),
+                   (dict(settings={"temperature": 1.0}), "settings must be a rar.SamplingSettings"),
+                   (dict(generator="x"), "generator must be a torch.Generator")]
+    for kwargs, message in wrong_types:
+        with pytest.raises(TypeError, match=message):
+            generate(kwargs.pop("model", model), [1], **kwargs)
+        OUTCOMES[f"generate {message}"] = "clear"
+    # a numpy permutation is an order like a tensor one (it used to meet `order == "random"`)
+    assert torch.equal(generate(model, [1], seed=0, order=np.arange(64)), generate(model, [1], seed=0))
+    with pytest.raises(ValueError, match="kept_first must be True or False"):
+        rar_edit(model, torch.zeros(1, 64, dtype=torch.long), torch.ones(1, 64, dtype=torch.bool), [1], kept_first="no")
+    with pytest.raises(ValueError, match="keep must be a bool tensor"):
+        rar_edit(model, torch.zeros(1, 64, dtype=torch.long), None, [1])
+
+
+def test_loading_preparing_and_scoring_refuse_bad_arguments(files, tmp_path):
+    """rar.from_pretrained / prepare / log_likelihood: one sentence naming the argument, not torch's own text."""
+    import rar
+    from rar.model.weights import load_generator
+
+    (tmp_path / "list_config").mkdir()
+    (tmp_path / "list_config" / "config.json").write_text("[1]")
+    for arg, message in [("", "is empty"), ("hf://", "is empty"), (files / "no_images", "holds no config.json"),
+                         (files / "a_file", "not a checkpoint torch can read"),
+                         (files / "photo.png", "not a checkpoint torch can read"),
+                         (tmp_path / "list_config", "not a JSON object")]:
+        with pytest.raises(ValueError, match=message):
+            rar.from_pretrained(arg)
+        OUTCOMES[f"from_pretrained {message}"] = "clear"
+    model = load_generator(files / "gen")
+    for kwargs, error, message in [(dict(device="tpu"), ValueError, "device 'tpu'"),
+                                   (dict(dtype="float32"), TypeError, "dtype must be"),
+                                   (dict(rows=0), ValueError, "rows must be"), (dict(rows=1.5), ValueError, "rows must be")]:
+        with pytest.raises(error, match=message):
+            rar.prepare(model, **kwargs)
+        OUTCOMES[f"prepare {message}"] = "clear"
+    tokens = torch.zeros(2, 64, dtype=torch.long)
+    for kwargs, error, message in [(dict(batch_size=0), ValueError, "batch_size must be"),
+                                   (dict(batch_size=1.5), ValueError, "batch_size must be"),
+                                   (dict(orders="random", seed=-1), ValueError, "seed must be an integer"),
+                                   (dict(orders="random", seed=1.5), ValueError, "seed must be an integer")]:
+        with pytest.raises(error, match=message):
+            rar.log_likelihood(model, tokens, [1, 2], **kwargs)
+        OUTCOMES[f"log_likelihood {message}"] = "clear"
+    with pytest.raises(TypeError, match="model must be a rar.RAR"):
+        rar.log_likelihood(rar.prepare(model), tokens, [1, 2])
 
 
 def test_nan_weights_are_an_error_not_tokens(files):

@@ -21,18 +21,21 @@ a run's evaluation is kept in its folder (`eval.json`) and redone only when its 
 from __future__ import annotations
 
 import json
+import re
 import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List
 
+from ..core.files import ensure_writable_dir
 from ..core.runconfig import load_config, require
 from ..training.config import TrainConfig
 from ..training.loop import train
-from .ablation_digits import evaluate_run
+from .ablation_digits import evaluate_run, tokenizer_of
 
 EVALUATIONS = ("digits", "loss")
+RUN_KEYS = ("seed", "out_dir")  # set by the study for every run: an override of them would be ignored
 
 
 @dataclass
@@ -52,6 +55,14 @@ class StudyConfig:
                 "a non-empty list of distinct seeds")
         require(self.evaluation in EVALUATIONS, "evaluation", self.evaluation, f"one of {', '.join(EVALUATIONS)}")
         require(self.per_class > 0, "per_class", self.per_class, "a positive integer")
+        for name, sets in self.variants.items():  # each variant is a folder under out_dir
+            require(re.fullmatch(r"[A-Za-z0-9_+-][A-Za-z0-9_.+-]*", str(name)) is not None, "variants", name,
+                    "a plain folder name per variant (letters, digits, _ . + -)")
+            owned = [t for t in sets if t.split("=", 1)[0].strip() in RUN_KEYS]
+            require(not owned, f"variants.{name}", owned, f"overrides of keys other than {', '.join(RUN_KEYS)} "
+                    "(the study sets them per run: seeds and out_dir)")
+        owned = [t for t in self.overrides if t.split("=", 1)[0].strip() in RUN_KEYS]
+        require(not owned, "overrides", owned, f"overrides of keys other than {', '.join(RUN_KEYS)} (set per run)")
 
 
 def _base_path(study: StudyConfig, study_file: Path) -> Path:
@@ -66,6 +77,10 @@ def run_configs(study: StudyConfig, study_file: Path, extra=()) -> list[tuple[st
     """(variant, seed, its training config) for every run, each built and checked now; `extra`
     overrides apply to every run after the study's own (the command line's train.KEY=VALUE)."""
     base = _base_path(study, study_file)
+    owned = [t for t in extra if t.split("=", 1)[0].strip() in RUN_KEYS]
+    if owned:
+        raise ValueError(f"train.{owned[0]} cannot be set for a study: each run's seed and out_dir come from the "
+                         "study's seeds and out_dir (set those instead, e.g. seeds=[0,1]).")
     runs = []
     for variant, overrides in study.variants.items():
         for seed in study.seeds:
@@ -75,6 +90,10 @@ def run_configs(study: StudyConfig, study_file: Path, extra=()) -> list[tuple[st
                                                       f"out_dir={out}", "progress=false"])
             except ValueError as err:
                 raise ValueError(f"study {study.name!r}, variant {variant!r}: {err}") from None
+            if study.evaluation == "digits" and (cfg.data.synthetic or tokenizer_of(cfg) == ""):
+                raise ValueError(f"study {study.name!r}: evaluation 'digits' needs the digits' token shards and their "
+                                 "tokenizer (train.data.path=... train.data.tokenizer=...); this run has "
+                                 f"data.synthetic={cfg.data.synthetic} and no data.tokenizer.")
             runs.append((variant, seed, cfg))
     return runs
 
@@ -148,8 +167,7 @@ def ablate(study_file, overrides=(), train_overrides=(), progress: bool = True) 
     study_file = Path(study_file)
     study = load_config(StudyConfig, study_file, overrides)
     runs = run_configs(study, study_file, train_overrides)  # every config checked before anything trains
-    out = Path(study.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = ensure_writable_dir(study.out_dir, "the study's out_dir")
     context: dict = {}
     results, t0, trained = [], time.perf_counter(), 0
     for i, (variant, seed, cfg) in enumerate(runs, 1):

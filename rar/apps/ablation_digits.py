@@ -6,7 +6,9 @@ the same sample scores for parallel decoding in random orders at a quarter of th
 (`parallel_*`: T/4 passes, four tokens per pass on average; what permuted training buys)."""
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import torch
 
@@ -34,9 +36,23 @@ def _shared(context: dict, tokenizer_path: str) -> dict:
     return context
 
 
+def tokenizer_of(cfg) -> str | None:
+    """The tokenizer of a run's token shards: data.tokenizer, else the one their manifest records
+    ("" when it records none); None while the shards do not exist yet (training refuses that)."""
+    if cfg.data.tokenizer:
+        return cfg.data.tokenizer
+    manifest = Path(cfg.data.path) / "manifest.json"
+    if not manifest.is_file():
+        return None
+    try:
+        return json.loads(manifest.read_text()).get("tokenizer_path") or ""
+    except (ValueError, AttributeError):
+        return None  # a damaged manifest: training names it
+
+
 def evaluate_run(generator_dir, cfg, context: dict, per_class: int = 50) -> dict:
 
-    ctx = _shared(context, cfg.data.tokenizer)
+    ctx = _shared(context, tokenizer_of(cfg))
     data, clf, vq = ctx["data"], ctx["classifier"], ctx["tokenizer"]
     model = load_generator(generator_dir)
     backend = prepare(model)

@@ -6,6 +6,7 @@ import json
 from importlib import resources
 from pathlib import Path
 
+from ..core.files import require_path
 from ..core.names import is_name
 
 
@@ -25,7 +26,7 @@ def class_names_of(generator_path, num_classes: int | None = None) -> list[str] 
     return imagenet_class_names() if num_classes == 1000 else None
 
 
-def parse_classes(text: str, num_classes: int, names: list[str] | None = None) -> list[int]:
+def parse_classes(text: str, num_classes: int, names: list[str] | None = None, flag: str = "--classes") -> list[int]:
     """"1,7,282" or names ("tench,goldfish") -> class ids, each checked against [0, num_classes).
     Names are separated by commas; a name that several classes share is an error naming them."""
     lookup: dict[str, set[int]] = {}
@@ -51,13 +52,22 @@ def parse_classes(text: str, num_classes: int, names: list[str] | None = None) -
             raise ValueError(f"class id {c} is outside [0, {num_classes}) for this generator.")
         out.append(c)
     if not out:
-        raise ValueError("--classes is empty; give class ids such as 1,7,282.")
+        raise ValueError(f"{flag} is empty; give class ids such as 1,7,282.")
     return out
 
 
-def read_class_names(path) -> list[str]:
-    """One name per line, in class-id order; several comma-separated synonyms on a line all match."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"class-names file {str(p)!r} does not exist; expected one class name per line.")
-    return [line.strip() for line in p.read_text().splitlines() if line.strip()]
+def read_class_names(path, num_classes: int | None = None) -> list[str]:
+    """One name per line, in class-id order (line i names class i, so no line may be blank);
+    several comma-separated synonyms on a line all match. With `num_classes`, one line per class."""
+    p = require_path(path, "--class-names", "file", "one class name per line")
+    lines = p.read_text().splitlines()
+    while lines and not lines[-1].strip():  # a trailing newline or two
+        lines.pop()
+    blank = next((i for i, line in enumerate(lines) if not line.strip()), None)
+    if not lines or blank is not None:
+        raise ValueError(f"--class-names {str(p)!r} " + ("is empty" if not lines else f"has a blank line {blank + 1}")
+                         + "; expected one class name per line, line i naming class i.")
+    if num_classes is not None and len(lines) != num_classes:
+        raise ValueError(f"--class-names {str(p)!r} has {len(lines)} names for a generator of {num_classes} classes; "
+                         "expected one per class.")
+    return [line.strip() for line in lines]

@@ -92,21 +92,30 @@ def _add_sampling_flags(p) -> None:
 def _add_refine_flags(p) -> None:
     p.add_argument("--refine-rounds", type=int, default=0,
                    help="after sampling, resample a fraction of each image's tokens given all the others this many times")
-    p.add_argument("--refine-fraction", type=float, default=0.1, help="share of the tokens resampled per round")
-    p.add_argument("--refine-select", default="likelihood", choices=["likelihood", "random"],
+    p.add_argument("--refine-fraction", type=float, default=None,
+                   help="share of the tokens resampled per round (default 0.1)")
+    p.add_argument("--refine-select", default=None, choices=["likelihood", "random"],
                    help="which tokens: the least likely given their context, or random ones")
 
 
 def _refine_settings(args):
     from ..inference.refinement import RefineSettings
 
-    return RefineSettings(args.refine_rounds, args.refine_fraction, args.refine_select)
+    given = [f for f, v in (("--refine-fraction", args.refine_fraction), ("--refine-select", args.refine_select))
+             if v is not None]
+    if given and not args.refine_rounds:
+        raise CLIError(f"{given[0]} has no effect without --refine-rounds N (N >= 1 rounds of refinement).")
+    return RefineSettings(args.refine_rounds, 0.1 if args.refine_fraction is None else args.refine_fraction,
+                          args.refine_select or "likelihood")
 
 
 def _sampling_settings(args):
     """The sampling flags as a `SamplingSettings` (unset flags stay None: the preset's values)."""
     from ..inference.sampler import SamplingSettings
 
+    if args.schedule is not None and args.steps is None:
+        raise CLIError("--schedule sets the group sizes of parallel decoding; give --steps S (fewer passes than "
+                       "tokens) with it.")
     return SamplingSettings(args.guidance_scale, args.guidance_scale_pow, args.temperature, args.top_k, args.top_p,
                             steps=args.steps, schedule=args.schedule)
 
@@ -275,6 +284,9 @@ def _add_score(sub) -> None:
 def _run_score(args) -> None:
     from .score import score_to_csv
 
+    if args.num_orders != 1 and args.orders != "random":
+        raise CLIError(f"--num-orders {args.num_orders} applies to --orders random (a named order is one order), "
+                       f"got --orders {args.orders}.")
     print(score_to_csv(args.generator, args.data, args.out, tokenizer=args.tokenizer, orders=args.orders,
                        num_orders=args.num_orders, seed=args.seed, classify_images=args.classify_images,
                        batch_size=args.batch_size, device=args.device, overwrite=args.overwrite))
@@ -316,6 +328,8 @@ def _add_app(sub) -> None:
 def _run_app(args) -> None:
     if args.queue_size < 1:
         raise CLIError(f"--queue-size must be a positive integer, got {args.queue_size}.")
+    if args.port is not None and not 0 < args.port < 65536:
+        raise CLIError(f"--port must be a port number from 1 to 65535, got {args.port}.")
     try:
         import gradio  # noqa: F401  (lazy: gradio is the optional extra rar[app])
     except ImportError:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from pathlib import Path
 
 
@@ -26,6 +27,10 @@ def _run_evaluate(args) -> None:
     from ..metrics.inception import load_inception
     from ..metrics.fidelity import evaluate_npz
 
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be a positive integer, got {args.batch_size}.")
+    if args.digits and args.ref is not None:
+        raise ValueError("--ref is not used with --digits (the digits are scored against their own held-out set).")
     if args.digits:
         from ..metrics.digits import evaluate_digits_npz
 
@@ -38,6 +43,9 @@ def _run_evaluate(args) -> None:
     read_npz_images(args.samples)  # the inputs are checked before the Inception weights are looked for
     if not Path(args.ref).is_file():
         raise ValueError(f"reference batch {args.ref!r} does not exist; expected e.g. VIRTUAL_imagenet256_labeled.npz.")
+    if not zipfile.is_zipfile(args.ref):
+        raise ValueError(f"reference batch --ref {args.ref!r} is not an .npz archive; expected e.g. "
+                         "VIRTUAL_imagenet256_labeled.npz.")
     device = resolve_device(args.device)
     extractor = load_inception(weights_path=args.inception_weights, download=args.download)
     res = evaluate_npz(args.samples, args.ref, extractor, batch_size=args.batch_size, device=device)

@@ -13,7 +13,7 @@ from PIL import Image
 
 from ..core.checks import check_counts, check_pair
 from ..core.devices import resolve_device
-from ..core.files import check_outputs, ensure_writable_dir, require_path
+from ..core.files import check_not_empty, check_outputs, ensure_writable_dir, require_path
 from ..data.images import center_crop_mask, image_tensor, load_rgb, make_grid, save_images, to_uint8
 from ..decode.backend import prepare
 from ..inference.editing import SCHEDULES
@@ -56,8 +56,11 @@ def parse_class(text: str | None, generator_path, num_classes: int, class_names=
     """--class: an id, a class name, or "none" / unset for no class (unconditional)."""
     if text is None or str(text).strip().lower() in ("none", ""):
         return None
-    names = read_class_names(class_names) if class_names else class_names_of(generator_path, num_classes)
-    return parse_classes(str(text), num_classes, names)[0]
+    names = read_class_names(class_names, num_classes) if class_names else class_names_of(generator_path, num_classes)
+    ids = parse_classes(str(text), num_classes, names, flag="--class")
+    if len(ids) != 1:
+        raise ValueError(f"--class takes one class for the whole edit, got {len(ids)} ({text!r}).")
+    return ids[0]
 
 
 def _load(generator, tokenizer, device, dtype):
@@ -89,6 +92,7 @@ def _output_folder(out_dir, num: int, paste_back: bool, overwrite: bool, inputs)
     """The output folder, made writable, after checking every file `_write` will put there."""
     names = [f"result_{i:02d}.png" for i in range(num)]
     names += [f"raw/{n}" for n in names] if paste_back else []
+    check_not_empty(out_dir, "output folder")
     check_outputs([Path(out_dir) / n for n in [*names, "grid.png", "edit.json"]], overwrite=overwrite, inputs=inputs)
     return ensure_writable_dir(out_dir, "output folder")
 

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from ..core.checks import check_counts, check_pair
 from ..core.devices import check_memory, resolve_device
-from ..core.files import check_outputs, ensure_writable_dir
+from ..core.files import check_not_empty, check_outputs, ensure_writable_dir
 from ..data.images import save_grid, save_images, to_uint8
 from ..decode.backend import DecodeBackend, prepare
 from ..inference.refinement import RefineSettings, apply_refine
@@ -61,7 +61,7 @@ def sample_to_folder(generator_path, out_dir, *, classes: str = "0", class_names
     order = generation_order(order, model, device)  # a bad order fails before any work
     settings = (settings or SamplingSettings()).resolve(defaults)  # bad values fail here
     check_plan(model, settings, order)
-    names = read_class_names(class_names) if class_names else class_names_of(generator_path, model.config.num_classes)
+    names = read_class_names(class_names, model.config.num_classes) if class_names else class_names_of(generator_path, model.config.num_classes)
     ids = parse_classes(classes, model.config.num_classes, names)
     vq = None if tokenizer is None else load_any_tokenizer(tokenizer).to(device).eval()
     if vq is not None:
@@ -72,6 +72,7 @@ def sample_to_folder(generator_path, out_dir, *, classes: str = "0", class_names
                  "use fewer classes or a smaller --num-per-class, or rar sample-eval (written in chunks)")
     labels = torch.tensor(ids).repeat_interleave(num_per_class)  # (N,)
     files = [f"images/{i:05d}_class-{int(c)}.png" for i, c in enumerate(labels)] + ["grid.png"] if vq is not None else []
+    check_not_empty(out_dir, "output folder")
     check_outputs([Path(out_dir) / f for f in ["tokens.npy", "labels.npy", *files]], overwrite=overwrite,
                   inputs=[generator_path, tokenizer])
     out = ensure_writable_dir(out_dir, "output folder")

@@ -27,7 +27,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..core.checks import check_counts, check_pair
-from ..core.files import ensure_writable_dir
+from ..core.files import check_not_empty, ensure_writable_dir
+from ..core.seeds import resolve_seed
 from ..data.images import to_uint8
 from ..decode.backend import DecodeBackend
 from ..inference.refinement import RefineSettings
@@ -95,9 +96,12 @@ def _check_existing(out: Path, wanted: dict, n_chunks: int, overwrite: bool, ran
     complete = False
     for f in files:
         try:
-            diff = _differences(read_settings(f), wanted)
+            diff = _differences(read_settings(f), wanted) if zipfile.is_zipfile(f) else \
+                "it is not an .npz archive written by rar sample-eval"
         except FileNotFoundError:
             continue  # deleted by another rank meanwhile
+        if not f.exists():
+            continue
         if diff and not overwrite:
             raise ValueError(f"{f} was made with other settings ({diff}); run with the same settings to finish "
                              f"it, choose another output, or pass --overwrite (overwrite=True) to redo it.")
@@ -118,12 +122,17 @@ def sample_eval(model, tokenizer, out_npz, *, num_per_class: int = 50, num_class
     """Write this process's share of the chunks; returns counts. `assemble_npz` joins them.
     `settings` (or the loose keywords that override its fields) and `order` as in `rar.generate`;
     they are recorded in every chunk and in the final file."""
+    check_not_empty(out_npz, "output")
     out = Path(out_npz)
+    if out.suffix.lower() != ".npz" or out.is_dir():
+        raise ValueError(f"output {str(out_npz)!r} is {'an existing folder' if out.is_dir() else 'not an .npz file name'}; "
+                         "expected a file name ending in .npz, e.g. samples.npz.")
     num_classes = model.config.num_classes if num_classes is None else num_classes
     available = model.config.num_classes
     if not 1 <= num_classes <= available:
         raise ValueError(f"num_classes must be between 1 and the generator's {available} classes, got {num_classes}.")
     check_counts(num_per_class=num_per_class, chunk_size=chunk_size, batch_size=batch_size)
+    resolve_seed(seed, None)  # before any folder is made
     total, n_chunks = num_classes * num_per_class, -(-num_classes * num_per_class // chunk_size)
     settings = with_overrides(settings, guidance_scale, guidance_scale_pow, temperature, top_k, top_p)
     check_plan(model.model if isinstance(model, DecodeBackend) else model, settings, order)  # before any work

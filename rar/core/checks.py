@@ -3,6 +3,7 @@ names the input, the value and what was expected."""
 from __future__ import annotations
 
 import math
+import operator
 import warnings
 
 import torch
@@ -71,7 +72,10 @@ def check_label_ids(labels: torch.Tensor, num_classes: int) -> None:
 
 def check_labels(labels, num_classes: int, device, batch: int | None = None) -> torch.Tensor:
     """labels as a (B,) int64 tensor on `device`, checked for shape and range; with `batch`, B must equal it."""
-    labels = torch.as_tensor(labels, device=device)
+    try:
+        labels = torch.as_tensor(labels, device=device)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"labels must be class ids (a list or a 1-D integer tensor), got {str(labels)[:60]!r}.") from None
     check_label_ids(labels, num_classes)
     if batch is not None and labels.shape != (batch,):
         raise ValueError(f"labels must be ({batch},) integer class ids, one per image, got shape {tuple(labels.shape)}.")
@@ -83,7 +87,10 @@ def check_tokens(tokens, config, device, known: torch.Tensor | None = None) -> t
     [0, config.codebook_size); with `known` (B, T) bool only those positions are checked (editing:
     unknown positions may hold anything, e.g. -1)."""
     T, V = config.num_tokens, config.codebook_size
-    tokens = torch.as_tensor(tokens, device=device)
+    try:
+        tokens = torch.as_tensor(tokens, device=device)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"tokens must be a (B, {T}) integer tensor of codes, got {str(tokens)[:60]!r}.") from None
     if tokens.ndim != 2 or tokens.shape[1] != T or tokens.shape[0] == 0:
         raise ValueError(f"tokens must be a non-empty (B, T) tensor with T = {T} (the model's num_tokens), "
                          f"got shape {tuple(tokens.shape)}.")
@@ -99,9 +106,26 @@ def check_tokens(tokens, config, device, known: torch.Tensor | None = None) -> t
     return tokens
 
 
+def _whole(value) -> int | None:
+    """An integer as it is (Python, numpy or a 0-d integer tensor); anything else None (never truncated)."""
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
 def check_indices(indices, batch_size: int) -> list[int]:
     """Sample indices (default 0..B-1), one per sample."""
-    indices = range(batch_size) if indices is None else [int(i) for i in indices]
+    if indices is None:
+        return list(range(batch_size))
+    try:
+        items = list(indices)
+    except TypeError:
+        items = None
+    values = [None if isinstance(i, bool) else _whole(i) for i in items] if items is not None else [None]
+    if any(v is None or v < 0 for v in values):
+        raise ValueError(f"indices must be one integer >= 0 per sample (a list or range), got {str(indices)[:60]!r}.")
+    indices = values
     if len(indices) != batch_size:
         raise ValueError(f"indices has {len(indices)} entries for {batch_size} samples; give one index per sample.")
     return list(indices)

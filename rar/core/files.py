@@ -96,9 +96,16 @@ def load_strict(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], what: st
     model.load_state_dict({k: sd[k] for k in expected}, strict=True, assign=assign)
 
 
+def check_not_empty(path, what: str) -> None:
+    """'' would silently mean the current folder (Path('') is '.')."""
+    if path is None or (isinstance(path, str) and not path.strip()):
+        raise ValueError(f"{what} is an empty path; expected a folder or file name.")
+
+
 def ensure_writable_dir(path: str | os.PathLike, what: str) -> Path:
     """Create the folder `path` if needed and check that files can be written in it, so that long
     work never ends unable to save: ValueError naming `what` otherwise."""
+    check_not_empty(path, what)
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise ValueError(f"{what} {str(p)!r} is an existing file; expected a folder (or a path that does not exist).")
@@ -123,6 +130,7 @@ def check_outputs(paths, *, overwrite: bool = False, inputs=(), images: bool = F
     for path in map(Path, paths):
         if path.is_dir():
             raise ValueError(f"output {str(path)!r} is an existing folder; expected a file name there.")
+        check_not_inside_inputs(path, ins)
         if images and path.suffix.lower() not in IMAGE_SUFFIXES:
             raise ValueError(f"output {str(path)!r} has the suffix {path.suffix or '(none)'!r}; expected an image "
                              f"suffix ({', '.join(IMAGE_SUFFIXES)}).")
@@ -134,6 +142,15 @@ def check_outputs(paths, *, overwrite: bool = False, inputs=(), images: bool = F
         if not overwrite:
             raise ValueError(f"output {str(path)!r} already exists; pass --overwrite (overwrite=True) to replace it, "
                              "or choose another output.")
+
+
+def check_not_inside_inputs(path, inputs) -> None:
+    """An output never goes inside an input folder (an image set, a model folder): a new file there
+    would change the user's data, even where it replaces nothing."""
+    real = Path(os.path.realpath(path))
+    for i in inputs:
+        if i is not None and Path(i).is_dir() and real.is_relative_to(os.path.realpath(i)):
+            raise ValueError(f"output {str(path)!r} is inside the input folder {str(i)!r}; choose an output outside it.")
 
 
 def write_atomic(path: str | os.PathLike, write) -> Path:

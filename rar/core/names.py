@@ -80,13 +80,28 @@ def kind_of(path: Path) -> str:
     """"generator" or "tokenizer" for a local file or folder."""
     folder = path.parent if path.suffix == ".safetensors" else path
     if (folder / "config.json").is_file():
-        fmt = json.loads((folder / "config.json").read_text()).get("format", "")
-        return "generator" if fmt == "rar-generator" else "tokenizer"
+        try:
+            meta = json.loads((folder / "config.json").read_text())
+        except ValueError:
+            meta = None
+        if not isinstance(meta, dict):
+            raise ValueError(f"{str(folder / 'config.json')!r} is not a JSON object; expected the config.json of a "
+                             "saved generator or tokenizer.")
+        return "generator" if meta.get("format", "") == "rar-generator" else "tokenizer"
     if (folder / "tokenizer" / "config.json").is_file():
         return "tokenizer"  # the out_dir of a train_tokenizer run
-    state = torch.load(path, map_location="meta", weights_only=True)
+    if path.is_dir():
+        raise ValueError(f"folder {str(path)!r} holds no config.json; expected a saved generator or tokenizer folder "
+                         "(or an official .bin file).")
+    try:
+        state = torch.load(path, map_location="meta", weights_only=True)
+    except Exception:  # noqa: BLE001 - torch's own text (unpickling, zip) would not name the file
+        raise ValueError(f"{str(path)!r} is not a checkpoint torch can read; expected an official .bin state dict "
+                         "or a saved folder.") from None
     state = state.get("state_dict", state) if isinstance(state, dict) else state
-    return "generator" if any(k.endswith("lm_head.weight") for k in state) else "tokenizer"
+    if not isinstance(state, dict):
+        raise ValueError(f"{str(path)!r} holds no state dict; expected an official .bin state dict or a saved folder.")
+    return "generator" if any(str(k).endswith("lm_head.weight") for k in state) else "tokenizer"
 
 
 def upload_folder(save, repo_id: str, *, private: bool = False, token=None) -> str:

@@ -15,6 +15,7 @@ import typing
 from pathlib import Path
 from typing import Iterable, TypeVar
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -53,7 +54,18 @@ def _check_shapes(cls, raw, source: str, prefix: str = "") -> None:
             if not isinstance(value, dict):
                 raise ValueError(f"{source}: config key {key!r} is a section, got {value!r}.")
             _check_shapes(tp, value, source, key + ".")
-        args = typing.get_args(tp)
+        origin, args = typing.get_origin(tp), typing.get_args(tp)
+        if origin in (list, tuple) and value is not None and not isinstance(value, list):
+            raise ValueError(f"{source}: config key {key!r}: expected a list in brackets, e.g. [a, b], got {value!r}.")
+        if origin is dict and not isinstance(value, dict):
+            raise ValueError(f"{source}: config key {key!r}: expected a mapping (name: value), got {value!r}.")
+        if origin is dict and args and typing.get_origin(args[1]) is list:
+            bad = next((k for k, v in value.items() if not isinstance(v, list)), None)
+            if bad is not None:
+                raise ValueError(f"{source}: config key {key + '.' + str(bad)!r}: expected a list such as "
+                                 f"[key=value, ...], got {value[bad]!r}.")
+        if tp is str and isinstance(value, (dict, list)):
+            raise ValueError(f"{source}: config key {key!r}: expected a string, got {value!r}.")
         if typing.get_origin(tp) is tuple and args and args[-1] is not Ellipsis and isinstance(value, list) \
                 and len(value) != len(args):
             raise ValueError(f"{source}: config key {key!r}: expected {len(args)} items, got {len(value)}.")
@@ -65,30 +77,54 @@ def _overrides(items: Iterable[str]):
         key = text.split("=", 1)[0].strip()
         if "=" not in text or not key or any(not part for part in key.split(".")):
             raise ValueError(f"override {text!r} is not of the form key=value (e.g. optim.lr=3e-4).")
+        if not text.split("=", 1)[1].strip():
+            raise ValueError(f"override {text!r} has no value; expected key=value (e.g. {key}=...).")
     return OmegaConf.from_dotlist(items)
+
+
+def _blame(err: OmegaConfBaseException, source: str, overrides: list[str]) -> str:
+    """Where a bad value came from: the override that set its key, else the file."""
+    key = str(getattr(err, "full_key", "") or "")
+    for text in reversed(overrides):
+        k = text.split("=", 1)[0].strip()
+        if key and (k == key or key.startswith(k + ".") or k.startswith(key + ".")):
+            return f"override {text!r}"
+    return source
+
+
+def _load_mapping(p: Path):
+    """The YAML file `p` as an OmegaConf mapping, or a ValueError saying what it holds instead."""
+    if p.is_dir():
+        raise ValueError(f"config file {str(p)!r} is a folder; expected a YAML file.")
+    if not p.is_file():
+        raise FileNotFoundError(f"config file {str(p)!r} does not exist.")
+    try:
+        raw = yaml.safe_load(p.read_text())
+        loaded = OmegaConf.load(p) if isinstance(raw, dict) else None
+    except Exception as err:  # noqa: BLE001 - yaml's own errors: a syntax error in the file
+        text = " ".join(str(err).split())
+        raise ValueError(f"config file {str(p)!r} is not valid YAML: {text[:300]}") from None
+    if raw is None:
+        raise ValueError(f"config file {str(p)!r} is empty; expected a YAML mapping of config keys.")
+    if loaded is None or not OmegaConf.is_dict(loaded):
+        raise ValueError(f"config file {str(p)!r} holds {str(raw)[:60]!r}; expected a YAML mapping of "
+                         "config keys at the top level.")
+    return loaded
 
 
 def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: Iterable[str] = ()) -> T:
     """A `cls` instance from its defaults <- the YAML file <- the dotted overrides."""
-    layers, source = [OmegaConf.structured(cls)], "config"
+    layers, source, overrides = [OmegaConf.structured(cls)], "config", list(overrides)
     if path is not None:
-        p, source = Path(path), f"config file {str(path)!r}"
-        if not p.is_file():
-            raise FileNotFoundError(f"config file {str(p)!r} does not exist.")
-        try:
-            loaded = OmegaConf.load(p)
-        except Exception as err:  # noqa: BLE001 - yaml's own errors: a syntax error in the file
-            raise ValueError(f"config file {str(p)!r} is not valid YAML: {str(err).splitlines()[0]}") from err
-        if not OmegaConf.is_dict(loaded):
-            raise ValueError(f"config file {str(p)!r} must hold a YAML mapping at the top level.")
-        layers.append(loaded)
+        source = f"config file {str(path)!r}"
+        layers.append(_load_mapping(Path(path)))
     layers.append(_overrides(overrides))
     for layer, where in zip(layers[1:], [source, "override"][-len(layers) + 1:]):
         _check_shapes(cls, OmegaConf.to_container(layer), where)
     try:
         return OmegaConf.to_object(OmegaConf.merge(*layers))
     except OmegaConfBaseException as err:
-        raise _clear(err, source) from None
+        raise _clear(err, _blame(err, source, overrides)) from None
 
 
 def config_from_dict(cls: type[T], values: dict, source: str = "config") -> T:

@@ -24,6 +24,8 @@ def mix_seed(*parts: int) -> int:
 def resolve_seed(seed: int | None, generator: torch.Generator | None) -> int:
     """`seed` itself (an integer >= 0; a float or a bool is refused, not truncated), or one integer
     drawn from `generator` (torch's default one when None)."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator (or None), got {type(generator).__name__}.")
     if seed is None:
         return int(torch.randint(0, 2**62, (1,), generator=generator).item())
     try:

@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from ..core.devices import resolve_device
 from ..model.transformer import RAR, BlockModulation, HeadModulation
 from .cpu import attention_kernel, linear_kernel
 from .cpu.capability import CPUCapability
@@ -139,6 +140,18 @@ def _converted(model: RAR, device, dtype) -> RAR:
     return copy.deepcopy(model).to(device=device, dtype=dtype).eval()  # the caller's model stays as it is
 
 
+def _check_prepare_args(model, device, dtype, rows) -> None:
+    """What `prepare` is given, each a ValueError or TypeError naming the argument before any work."""
+    if not isinstance(model, RAR):
+        raise TypeError(f"model must be a rar.RAR (e.g. rar.from_pretrained(...)), got {type(model).__name__}.")
+    if device is not None:
+        resolve_device(str(device))  # one sentence for a device torch lacks (mps, cuda on a CPU-only build, a typo)
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating torch.dtype such as torch.float32 or torch.bfloat16, got {dtype!r}.")
+    if rows is not None and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 1):
+        raise ValueError(f"rows must be a positive integer (rows per decode step: 2 x batch with guidance), got {rows!r}.")
+
+
 def prepare(model: RAR, *, device=None, dtype: torch.dtype | None = None, rows: int | None = None,
             attention_kernel: bool = True, packed: bool = True, compiled_linear: bool = True,
             capability: CPUCapability | None = None, builds: KernelBuilds = PROCESS_BUILDS) -> DecodeBackend:
@@ -153,6 +166,7 @@ def prepare(model: RAR, *, device=None, dtype: torch.dtype | None = None, rows: 
     each is compiled once per process). `rows` builds the layouts of that row count now (about a
     second or two for RAR-B on a 2-core CPU; BENCHMARKS.md); otherwise each is built on first use.
     `packed=False` (or any other device) uses the model's own linears and torch's attention."""
+    _check_prepare_args(model, device, dtype, rows)
     model = _converted(model, device, dtype)
     p = next(model.parameters())
     if p.device.type != "cpu" or not packed:

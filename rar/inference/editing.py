@@ -30,8 +30,12 @@ SCHEDULES = ("generated", "sequence")
 
 
 def _check_tokens_and_keep(tokens, keep, backend: DecodeBackend) -> tuple[torch.Tensor, torch.Tensor]:
-    keep = torch.as_tensor(keep, device=backend.device)
-    shape = torch.as_tensor(tokens).shape
+    tokens_ok = check_tokens(tokens, backend.config, backend.device, known=torch.zeros((), dtype=torch.bool))
+    try:
+        keep = torch.as_tensor(keep, device=backend.device)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"keep must be a bool tensor of the tokens' shape (True = keep), got {str(keep)[:60]!r}.") from None
+    shape = tokens_ok.shape
     if keep.shape != shape or keep.dtype != torch.bool:
         check_tokens(tokens, backend.config, backend.device)  # the tokens' own shape and type first
         raise ValueError(f"keep must be a bool tensor of the tokens' shape {tuple(shape)} (True = keep), "
@@ -92,6 +96,8 @@ def edit(model: RAR | DecodeBackend, tokens, keep, labels, *, settings: Sampling
     """
     if schedule_over not in SCHEDULES:
         raise ValueError(f"schedule_over must be one of {SCHEDULES}, got {schedule_over!r}.")
+    if not isinstance(kept_first, bool):
+        raise ValueError(f"kept_first must be True or False, got {kept_first!r}.")
     backend = as_backend(model, packed=pack_weights)
     tokens, keep = _check_tokens_and_keep(tokens, keep, backend)
     labels = check_labels(labels, backend.config.num_classes, backend.device)

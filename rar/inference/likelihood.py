@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.checks import check_labels, check_tokens
+from ..core.seeds import resolve_seed
 from ..model.orders import is_permutation, named_order
 from ..model.transformer import RAR
 
@@ -50,7 +51,7 @@ def likelihood_orders(orders, num_orders: int, seed: int, batch: int, model: RAR
         if orders == "random":
             if isinstance(num_orders, bool) or int(num_orders) != num_orders or num_orders < 1:
                 raise ValueError(f"num_orders must be a positive integer, got {num_orders!r}.")
-            g = torch.Generator().manual_seed(int(seed))
+            g = torch.Generator().manual_seed(resolve_seed(seed, None))  # an integer >= 0, never truncated
             orders = torch.rand(int(num_orders), T, generator=g).argsort(1)  # (K, T)
         else:
             orders = named_order(orders, cfg.grid_size)[None]  # (1, T)
@@ -90,12 +91,21 @@ def order_nll(model: RAR, tokens: torch.Tensor, labels: torch.Tensor, orders: to
     return torch.cat(out).view(B, K, T)
 
 
+def _check_model_and_batch(model, batch_size) -> None:
+    if not isinstance(model, RAR):
+        raise TypeError(f"model must be a rar.RAR (likelihoods need the training-time forward, not a prepared decode "
+                        f"backend), got {type(model).__name__}.")
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive integer (or None), got {batch_size!r}.")
+
+
 def log_likelihood(model: RAR, tokens, labels, *, orders="raster", num_orders: int = 1, seed: int = 0,
                    batch_size: int | None = None, reduction: str = "mixture") -> torch.Tensor:
     """Negative log-likelihood in nats per token of each image (B,) (see the module docstring):
     tokens (B, T) raster layout, labels (B,) (the null label `num_classes` = unconditional)."""
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}.")
+    _check_model_and_batch(model, batch_size)
     tokens = check_tokens(tokens, model.config, next(model.parameters()).device)
     labels = check_labels(labels, model.config.num_classes, tokens.device, tokens.shape[0])
     o = likelihood_orders(orders, num_orders, seed, tokens.shape[0], model)  # (B, K, T)
@@ -113,6 +123,7 @@ def classify(model: RAR, tokens, *, orders="raster", num_orders: int = 1, seed: 
     """Class posteriors p(c | x) (B, C) from log p(x | c) for every class c (the mixture over
     `orders`, the same orders for every class), batched over classes, with a uniform prior unless
     `prior` (C,) is given."""
+    _check_model_and_batch(model, batch_size)
     tokens = check_tokens(tokens, model.config, next(model.parameters()).device)
     B, C = tokens.shape[0], model.config.num_classes
     o = likelihood_orders(orders, num_orders, seed, B, model)  # (B, K, T)
@@ -122,7 +133,8 @@ def classify(model: RAR, tokens, *, orders="raster", num_orders: int = 1, seed: 
     logp = -nll.view(B, C) * tokens.shape[1]  # log p(x | c)
     if prior is not None:
         prior = torch.as_tensor(prior, dtype=torch.float32, device=logp.device)
-        if prior.shape != (C,) or (prior < 0).any() or not prior.sum() > 0:
-            raise ValueError(f"prior must be ({C},) non-negative class weights, got shape {tuple(prior.shape)}.")
+        if prior.shape != (C,) or not torch.isfinite(prior).all() or (prior < 0).any() or not prior.sum() > 0:
+            raise ValueError(f"prior must be ({C},) finite non-negative class weights with a positive sum, got "
+                             + (f"shape {tuple(prior.shape)}." if prior.shape != (C,) else f"{prior.tolist()[:12]}."))
         logp = logp + torch.log(prior / prior.sum())
     return logp.softmax(-1)

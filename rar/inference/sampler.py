@@ -43,6 +43,9 @@ def guidance_scales(guidance_scale: float, power: float, progress: torch.Tensor)
 
 def as_backend(model: RAR | DecodeBackend, packed: bool = True) -> DecodeBackend:
     """A prepared backend as it is; a model is prepared now, at the cost `generate` documents."""
+    if not isinstance(model, (DecodeBackend, RAR)):
+        raise TypeError(f"model must be a rar.RAR (e.g. rar.from_pretrained(...)) or the backend of rar.prepare(model), "
+                        f"got {type(model).__name__}.")
     return model if isinstance(model, DecodeBackend) else prepare(model, packed=packed)
 
 
@@ -58,7 +61,10 @@ def generation_order(order, model, device, batch_size: int | None = None) -> tor
         return order
     if isinstance(order, str):
         order = named_order(order, model.config.grid_size)
-    order = torch.as_tensor(order, device=device)
+    try:
+        order = torch.as_tensor(order, device=device)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"order must be a scan-order name or a permutation of 0..{T - 1}, got {str(order)[:60]!r}.") from None
     if order.ndim == 2 and batch_size is not None and order.shape != (batch_size, T):
         raise ValueError(f"a per-sample order must have shape (B, T) = ({batch_size}, {T}), got {tuple(order.shape)}.")
     if order.shape not in ((T,), (batch_size, T)) or order.is_floating_point() or not is_permutation(order):
@@ -115,6 +121,9 @@ def with_overrides(settings: SamplingSettings | None, guidance_scale=None, guida
                    top_k=None, top_p=None, steps=None, schedule=None) -> SamplingSettings:
     """`settings` (default: all unset) with the loose keywords that are given applied over it: the
     thin keyword layer of every sampling function."""
+    if settings is not None and not isinstance(settings, SamplingSettings):
+        raise TypeError(f"settings must be a rar.SamplingSettings (or None), got {type(settings).__name__}; pass "
+                        "SamplingSettings(guidance_scale=...) or the loose keywords guidance_scale=... instead.")
     return (settings or SamplingSettings()).overridden(
         guidance_scale=guidance_scale, guidance_scale_pow=guidance_scale_pow, temperature=temperature,
         top_k=top_k, top_p=top_p, steps=steps, schedule=schedule)
@@ -133,9 +142,9 @@ def decode_orders(order, model, device, batch_size: int, seed: int, indices, ste
     """(B, T) generation orders and, for `wavefront`, the pass at which each raster position is due
     (T,) (else None): `random` draws one order per sample from (seed, index)."""
     T = model.config.num_tokens
-    if order == "random":
+    if isinstance(order, str) and order == "random":
         return random_orders(seed, indices, T, device), None
-    if order == "wavefront":
+    if isinstance(order, str) and order == "wavefront":
         return wavefront_order(model.config.grid_size, steps).to(device).expand(batch_size, T), \
             wavefront_times(model.config.grid_size, steps).to(device)
     return generation_order(order, model, device, batch_size).expand(batch_size, T), None

@@ -18,6 +18,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
@@ -31,7 +32,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..core.devices import check_memory
-from ..core.files import ensure_writable_dir
+from ..core.files import check_not_inside_inputs, ensure_writable_dir
 from ..data.images import center_crop_adm, list_image_folder, load_rgb, ten_crop
 from ..data.mnist import load_mnist_digits
 from ..data.shards import FORMAT, TEN_CROP_VIEWS
@@ -164,6 +165,24 @@ def _shard_done(out: Path, s: int, total: int, fp: str) -> bool:
     return all((out / meta[k]).is_file() for k in ("tokens", "labels"))
 
 
+_WRITER_FILE = re.compile(r"(tokens|labels|shard)-\d{5}-of-\d{5}\.(npy|json)(\.tmp)?|manifest\.json(\.tmp)?")
+
+
+def _check_shard_folder(out: Path, source: _Source) -> None:
+    """The output folder is new, empty, or token shards this writer started (its shard records
+    decide what is reused): never a folder of other files or of shards from elsewhere (a manifest
+    without the writer's records), nor a folder inside the images."""
+    if "root" in source.describe:
+        check_not_inside_inputs(out, [source.describe["root"]])
+    if not out.is_dir():
+        return
+    names = [p.name for p in out.iterdir()]
+    other = [n for n in names if not _WRITER_FILE.fullmatch(n)]
+    if other or ("manifest.json" in names and not any(n.startswith("shard-") for n in names)):
+        raise ValueError(f"--out {str(out)!r} already holds {'files such as ' + repr(sorted(other)[0]) if other else 'token shards'} "
+                         "that this tokenization did not start; expected a new or empty folder.")
+
+
 def _encode_shard(model, source: _Source, s: int, opts: dict, pool, bar) -> tuple[np.ndarray, np.ndarray, list]:
     start, stop = s * opts["shard_size"], min((s + 1) * opts["shard_size"], source.n)
     tokens, labels, failed = [], [], []
@@ -246,6 +265,11 @@ class TokenizeOptions:
         if not (0 <= self.rank < self.world_size):
             raise ValueError(f"rank must satisfy 0 <= rank < world_size, got rank={self.rank}, "
                              f"world_size={self.world_size}.")
+        if self.resolution is not None and self.resolution <= 0:
+            raise ValueError(f"resolution (--resolution) must be a positive number of pixels, got {self.resolution}.")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers (--num-workers) must be 0 (decode in this thread) or more, got "
+                             f"{self.num_workers}.")
         if self.batch_size <= 0 or self.shard_size <= 0:
             raise ValueError(f"batch_size and shard_size must be positive, got {self.batch_size} and {self.shard_size}.")
 
@@ -270,6 +294,7 @@ def _tokenize(tokenizer, source: _Source, out_dir, o: TokenizeOptions) -> Tokeni
                  f"encoding batch_size {batch_size} x {settings['views_per_image']} view(s) at {resolution} px",
                  "lower --batch-size")
     fp, total, out = _fingerprint(settings), settings["num_shards"], Path(out_dir)
+    _check_shard_folder(out, source)
     ensure_writable_dir(out, "token shard folder")
     report = TokenizeReport(str(out), rank, world_size)
     mine = [s for s in range(total) if s % world_size == rank]

@@ -28,6 +28,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..core.checks import check_counts, finite
+from ..core.devices import resolve_device
 from ..core.files import check_outputs, ensure_writable_dir
 from ..core.runconfig import config_from_dict, load_config, require, save_config, to_dict
 from ..core.schedules import warmup_cosine
@@ -51,6 +52,7 @@ class TokenizerDataConfig:
         for name in ("n_train", "holdout"):
             require(getattr(self, name) > 0, f"data.{name}", getattr(self, name), "a positive integer")
         require(self.max_images is None or self.max_images > 0, "data.max_images", self.max_images, "positive")
+        require(self.seed >= 0, "data.seed", self.seed, "an integer >= 0")
 
 
 @dataclass
@@ -82,7 +84,7 @@ class TokenizerTrainConfig:
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "log_every", "grid_images"):
             require(getattr(self, name) > 0, name, getattr(self, name), "a positive integer")
-        for name in ("warmup_steps", "kmeans_init_step", "restart_every"):
+        for name in ("warmup_steps", "kmeans_init_step", "restart_every", "seed"):
             require(getattr(self, name) >= 0, name, getattr(self, name), "an integer >= 0")
         require(finite(self.lr) and self.lr > 0, "lr", self.lr, "a positive number")
         require(finite(self.min_lr_ratio) and 0 <= self.min_lr_ratio <= 1, "min_lr_ratio", self.min_lr_ratio,
@@ -257,6 +259,7 @@ def train_tokenizer(config: Union[TokenizerTrainConfig, dict], images=None, hold
     if images is None and (done := _finished_run(cfg, out)) is not None:
         return {**done, "reused": True}
     ensure_writable_dir(out, "out_dir")  # before the training, not after it
+    resolve_device(cfg.device)  # a device torch lacks is one sentence naming it, before any work
     threads = torch.get_num_threads()
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)

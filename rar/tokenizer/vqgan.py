@@ -51,6 +51,8 @@ class VQGANConfig:
         for name in ("hidden_channels", "num_res_blocks", "z_channels", "resolution", "codebook_size", "num_channels"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"VQGANConfig.{name} must be positive, got {getattr(self, name)}.")
+        if not (0 <= float(self.dropout) < 1):
+            raise ValueError(f"VQGANConfig.dropout (model.dropout) must be in [0, 1), got {self.dropout}.")
         if not self.channel_mult or min(self.channel_mult) <= 0:
             raise ValueError(f"VQGANConfig.channel_mult must be a non-empty tuple of positive ints, got {self.channel_mult}.")
         for m in self.channel_mult:

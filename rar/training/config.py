@@ -67,6 +67,9 @@ class DataSection:
         _require(self.synthetic_samples > 0, "data.synthetic_samples", self.synthetic_samples, "positive")
 
 
+MAX_EVAL_SAMPLES = 50_000
+
+
 @dataclass
 class EvalSection:
     """Evaluation during training (`rar.training.evaluation`), written to eval.jsonl; off unless `every` > 0."""
@@ -81,6 +84,8 @@ class EvalSection:
                      getattr(self, name), "an integer >= 0")
         _require(self.every == 0 or bool(self.heldout) or self.samples > 0, "eval.every", self.every,
                  "0 unless eval.heldout or eval.samples says what to evaluate")
+        _require(self.samples <= MAX_EVAL_SAMPLES, "eval.samples", self.samples,
+                 f"at most {MAX_EVAL_SAMPLES} (the samples are drawn at every evaluation)")
 
 
 @dataclass
@@ -100,6 +105,8 @@ class OptimSection:
         for name in ("weight_decay", "warmup_steps", "end_lr", "grad_clip"):
             v = getattr(self, name)
             _require(_finite(v) and v >= 0, f"optim.{name}", v, "a finite number >= 0")
+        _require(self.end_lr <= self.lr, "optim.end_lr", self.end_lr, f"at most optim.lr ({self.lr}): the cosine "
+                 "schedule decays from lr to end_lr")
 
 
 @dataclass

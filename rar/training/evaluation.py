@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..core.files import require_path
 from ..data.batches import load_token_shards
 from ..data.mnist import load_mnist_digits
 from ..inference.likelihood import log_likelihood
@@ -54,23 +55,44 @@ def heldout_bits_per_token(model, tokens: torch.Tensor, labels: torch.Tensor, or
     return float(nll.mean()) / math.log(2)
 
 
+def _heldout(path: str, config) -> tuple[torch.Tensor, torch.Tensor]:
+    """The plain view's tokens (N, T) and labels (N,) of `eval.heldout`, checked against the model."""
+    require_path(path, "eval.heldout", "folder", "token shards written by rar tokenize")
+    data = load_token_shards(path)
+    tokens = torch.as_tensor(np.array(data.tokens[:, 0]), dtype=torch.long)  # (N, T): the plain view
+    labels = torch.as_tensor(data.labels, dtype=torch.long)
+    what = f"eval.heldout {path!r}"
+    if len(tokens) == 0:
+        raise ValueError(f"{what} holds no images; expected held-out token shards.")
+    if tokens.shape[1] != config.num_tokens or data.codebook_size != config.codebook_size:
+        raise ValueError(f"{what} holds {tokens.shape[1]} tokens per image of a codebook of {data.codebook_size}; "
+                         f"the model expects {config.num_tokens} of {config.codebook_size} (the same tokenizer).")
+    if int(labels.min()) < 0 or int(labels.max()) >= config.num_classes:
+        raise ValueError(f"{what} has class ids {int(labels.min())}..{int(labels.max())}; the model has classes "
+                         f"0..{config.num_classes - 1}.")
+    return tokens, labels
+
+
 class RunEvaluator:
     """The `eval` section of a run, ready to call: held-out tokens loaded once, the digit
     classifier trained once (or loaded from the run folder) and the reference features."""
 
-    def __init__(self, cfg, out: Path, tokenizer: str | None):
+    def __init__(self, cfg, out: Path, tokenizer: str | None, model_config):
+        """Built before the first training step, so that what does not fit the model is refused
+        then (naming the `eval.*` key), not at the first evaluation."""
         with _forked_rng():
-            self._setup(cfg, out, tokenizer)
+            self._setup(cfg, out, tokenizer, model_config)
 
-    def _setup(self, cfg, out: Path, tokenizer: str | None) -> None:
+    def _setup(self, cfg, out: Path, tokenizer: str | None, model_config) -> None:
         self.cfg, self.order = cfg.eval, cfg.order
         self.tokens = self.labels = None
         if self.cfg.heldout:
-            data = load_token_shards(self.cfg.heldout)
-            self.tokens = torch.as_tensor(np.array(data.tokens[:, 0]), dtype=torch.long)  # (N, T): the plain view
-            self.labels = torch.as_tensor(data.labels, dtype=torch.long)
+            self.tokens, self.labels = _heldout(self.cfg.heldout, model_config)
         self.digits = None
         if self.cfg.samples:
+            if model_config.num_classes != 10:
+                raise ValueError(f"eval.samples scores samples with the digit classifier (10 classes), but this model "
+                                 f"has {model_config.num_classes} classes; expected eval.samples=0 for other data.")
             if not tokenizer:
                 raise ValueError("eval.samples needs the tokenizer that made the tokens (data.tokenizer) to decode "
                                  "the samples; set it or set eval.samples=0.")

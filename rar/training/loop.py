@@ -233,11 +233,11 @@ def _run(cfg: TrainConfig, tr: Trainer, on_step) -> dict:
     tr.resume()
     if tr.step >= cfg.max_steps and (done := logs.finished_summary(tr.out, tr.step)) is not None:
         return done  # a finished run: nothing to train, nothing rewritten
+    tokenizer = cfg.data.tokenizer or tr.data.tokenizer
+    evaluator = RunEvaluator(cfg, tr.out, tokenizer, tr.raw.config) if cfg.eval.every and tr.rank == 0 else None
     checkpoints.write_config(cfg, tr.out, tr.rank)
     tr.wrap()
     logger = logs.Logger(cfg, tr.out, tr.rank, start=tr.step)
-    tokenizer = cfg.data.tokenizer or tr.data.tokenizer
-    evaluator = RunEvaluator(cfg, tr.out, tokenizer) if cfg.eval.every and tr.rank == 0 else None
     threads = torch.get_num_threads()
     try:
         _train_steps(cfg, tr, logger, on_step, evaluator)
