@@ -43,6 +43,8 @@ def read_data(data, tokenizer, class_names=None, num_classes=None) -> tuple[list
         tokens = torch.from_numpy(np.stack([np.asarray(shards[i][0]).reshape(shards.views, -1)[0]
                                             for i in range(len(shards))]).astype(np.int64))
         return [str(i) for i in range(len(shards))], tokens, shards.labels, None
+    if not any(root.iterdir()):
+        raise ValueError(f"data {str(root)!r} is an empty folder; expected token shards or images.")
     if tokenizer is None:
         raise ValueError(f"data {str(root)!r} holds images: pass --tokenizer to turn them into tokens.")
     if any(p.is_dir() for p in root.iterdir()):

@@ -168,8 +168,7 @@ def write_atomic(path: str | os.PathLike, write) -> Path:
 
 def save_folder(model: torch.nn.Module, path: str | os.PathLike, meta: dict) -> Path:
     """Write `model.safetensors` and `config.json` (meta) into the folder `path`, atomically each."""
-    out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
+    out = ensure_writable_dir(path, "the folder to save into")
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     save_file(tensors, str(out / "model.safetensors.tmp"), metadata={"format": str(meta.get("format", ""))})
     os.replace(out / "model.safetensors.tmp", out / "model.safetensors")

@@ -124,6 +124,7 @@ def refine(model: RAR | DecodeBackend, tokens, labels, *, rounds: int = 1, fract
     rounds = 0 returns the input."""
     backend = as_backend(model)
     out = check_tokens(tokens, backend.config, backend.device)
+    labels = check_labels(labels, backend.config.num_classes, backend.device, out.shape[0])  # one per row
     sampling = with_overrides(settings, guidance_scale, guidance_scale_pow, temperature, top_k, top_p)
     for out in iter_refine(backend, out, labels, RefineSettings(rounds, fraction, select, groups), seed=seed,
                            indices=indices, sampling=sampling):

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from ..core.checks import check_tokenizer_fits
 from ..core.devices import check_memory, keep_freed_memory, resolve_device
+from ..core.runconfig import config_from_dict
 from ..core.schedules import warmup_cosine
 from ..core.seeds import mix_seed
 from ..data.batches import TokenData, gather_batch, global_batch_indices, load_token_shards, synthetic_tokens
@@ -218,7 +219,12 @@ class Trainer:
 
 def train(cfg: TrainConfig, on_step=None) -> dict:
     """Train (or resume) the run in cfg.out_dir; returns a summary. `on_step(step)` is called after
-    every optimizer step (tests use it to kill the process at a chosen step)."""
+    every optimizer step (tests use it to kill the process at a chosen step). `cfg` may also be a
+    plain dict of config keys (checked as a YAML file's would be)."""
+    if isinstance(cfg, dict):
+        cfg = config_from_dict(TrainConfig, cfg, "train(...) config")
+    if not isinstance(cfg, TrainConfig):
+        raise TypeError(f"cfg must be a rar TrainConfig or a dict of its keys, got {type(cfg).__name__}.")
     tr = Trainer(cfg)
     checkpoints.prepare_out_dir(cfg, tr.out, tr.rank)
     checkpoints.acquire_lock(tr.out, tr.rank, tr.device)
