@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Dict, List
 
 from ..core.files import ensure_writable_dir
-from ..core.runconfig import load_config, require
+from ..core.runconfig import check_types, load_config, require
 from ..training.config import TrainConfig
 from ..training.loop import train
 from .ablation_digits import evaluate_run, tokenizer_of
@@ -50,6 +50,7 @@ class StudyConfig:
     out_dir: str = "runs/ablation"
 
     def __post_init__(self) -> None:
+        check_types(self, '')
         require(bool(self.variants), "variants", self.variants, "at least one variant: name -> [overrides]")
         require(bool(self.seeds) and len(set(self.seeds)) == len(self.seeds), "seeds", self.seeds,
                 "a non-empty list of distinct seeds")

@@ -42,6 +42,29 @@ def require(ok: bool, key: str, value, expected: str) -> None:
         raise ValueError(f"config key {key!r} must be {expected}, got {value!r}.")
 
 
+_TYPE_CHECKS = {int: ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+                float: ("a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
+                bool: ("true or false", lambda v: isinstance(v, bool)), str: ("a string", lambda v: isinstance(v, str))}
+
+
+def check_types(instance, prefix: str = "") -> None:
+    """A config dataclass built directly (not through `load_config`) gets the same one-sentence
+    errors for a value of the wrong type as a YAML file would, before its range checks compare it."""
+    hints = typing.get_type_hints(type(instance))
+    for f in dataclasses.fields(instance):
+        tp, value, key = hints.get(f.name), getattr(instance, f.name), prefix + f.name
+        args = typing.get_args(tp)
+        if typing.get_origin(tp) is typing.Union and type(None) in args and len(args) == 2:
+            if value is None:
+                continue
+            tp = next(a for a in args if a is not type(None))  # Optional[X]: X unless unset
+        if tp in _TYPE_CHECKS and not _TYPE_CHECKS[tp][1](value):
+            raise ValueError(f"config key {key!r} must be {_TYPE_CHECKS[tp][0]}, got {value!r}.")
+        if dataclasses.is_dataclass(tp) and not isinstance(value, tp):
+            raise ValueError(f"config key {key!r} must be a {tp.__name__} section, got {type(value).__name__} (build "
+                             "a config from plain dicts with rar.core.runconfig.config_from_dict).")
+
+
 def _check_shapes(cls, raw, source: str, prefix: str = "") -> None:
     """What OmegaConf converts or reports without the key: a bool field given anything but true or
     false (it would take 3 as true), a section given a scalar, a fixed-length tuple of another length."""

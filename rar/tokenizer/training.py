@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from ..core.checks import check_counts, finite
 from ..core.devices import resolve_device
 from ..core.files import check_outputs, ensure_writable_dir
-from ..core.runconfig import config_from_dict, load_config, require, save_config, to_dict
+from ..core.runconfig import check_types, config_from_dict, load_config, require, save_config, to_dict
 from ..core.schedules import warmup_cosine
 from ..core.threads import ThreadGovernor
 from ..data.images import load_folder_images, make_grid, psnr, to_uint8
@@ -48,6 +48,7 @@ class TokenizerDataConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        check_types(self, 'data.')
         require(self.dataset in ("digits", "folder"), "data.dataset", self.dataset, "'digits' or 'folder'")
         for name in ("n_train", "holdout"):
             require(getattr(self, name) > 0, f"data.{name}", getattr(self, name), "a positive integer")
@@ -82,6 +83,7 @@ class TokenizerTrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        check_types(self, '')
         for name in ("steps", "batch_size", "log_every", "grid_images"):
             require(getattr(self, name) > 0, name, getattr(self, name), "a positive integer")
         for name in ("warmup_steps", "kmeans_init_step", "restart_every", "seed"):

@@ -14,6 +14,7 @@ import torch
 
 from ..core.checks import check_probability
 from ..core.checks import finite as _finite
+from ..core.runconfig import check_types as _check_types
 from ..core.runconfig import require as _require
 from ..model.config import PRESETS, Preset, get_preset
 from ..model.orders import NAMED_ORDERS
@@ -40,6 +41,7 @@ class ModelSection:
     temperature: Optional[float] = None
 
     def __post_init__(self) -> None:
+        _check_types(self, 'model.')
         _require(self.preset in PRESETS, "model.preset", self.preset, f"one of {', '.join(PRESETS)}")
         for name in ("hidden_size", "num_layers", "num_heads", "mlp_size"):
             v = getattr(self, name)
@@ -64,6 +66,7 @@ class DataSection:
     flip_views: bool = True  # pick a random stored view (e.g. the horizontal flip) per sample
 
     def __post_init__(self) -> None:
+        _check_types(self, 'data.')
         _require(self.synthetic_samples > 0, "data.synthetic_samples", self.synthetic_samples, "positive")
 
 
@@ -79,6 +82,7 @@ class EvalSection:
     seed: int = 0  # of those samples: the same ones at every evaluation
 
     def __post_init__(self) -> None:
+        _check_types(self, 'eval.')
         for name in ("every", "samples", "seed"):
             _require(isinstance(getattr(self, name), int) and getattr(self, name) >= 0, f"eval.{name}",
                      getattr(self, name), "an integer >= 0")
@@ -99,6 +103,7 @@ class OptimSection:
     grad_clip: float = 1.0  # 0 disables
 
     def __post_init__(self) -> None:
+        _check_types(self, 'optim.')
         _require(_finite(self.lr) and self.lr > 0, "optim.lr", self.lr, "a positive number")
         _probability("optim.beta1", self.beta1)
         _probability("optim.beta2", self.beta2)
@@ -155,6 +160,7 @@ class TrainConfig:
         return int(round(value * self.max_steps)) if value <= 1 else int(value)
 
     def __post_init__(self) -> None:
+        _check_types(self, '')
         _require(self.precision in ("fp32", "bf16"), "precision", self.precision, "'fp32' or 'bf16'")
         _require(self.checkpointing in RECOMPUTE_MODES, "checkpointing", self.checkpointing,
                  f"one of {', '.join(RECOMPUTE_MODES)}")
