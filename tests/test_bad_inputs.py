@@ -490,6 +490,20 @@ def test_config_objects_reject_bad_values():
         with pytest.raises(ValueError, match=message):
             make()
         OUTCOMES[f"config {message}"] = "clear"
+    from rar.training.config import ModelSection, TrainConfig
+
+    base = dict(data={"synthetic": True})
+    for make, message in [(lambda: TrainConfig(max_steps="abc"), "'max_steps' must be an integer, got 'abc'"),
+                          (lambda: TrainConfig(max_steps=2.5), "'max_steps' must be an integer, got 2.5"),
+                          (lambda: TrainConfig(model={"preset": "tiny"}), "'model' must be a ModelSection"),
+                          (lambda: ModelSection(hidden_size="32"), "'model.hidden_size' must be an integer")]:
+        with pytest.raises(ValueError, match=message):
+            make()
+        OUTCOMES[f"config {message}"] = "clear"
+    import rar
+
+    with pytest.raises(ValueError, match="Did you mean: 'max_steps'"):
+        rar.train({**base, "max_stepz": 3})  # a dict is checked as a YAML file would be
 
 
 def test_sample_eval_refuses_to_mix_settings_and_overwrite_redoes(files, tmp_path, capsys):
