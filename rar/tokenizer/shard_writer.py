@@ -165,7 +165,8 @@ def _shard_done(out: Path, s: int, total: int, fp: str) -> bool:
     return all((out / meta[k]).is_file() for k in ("tokens", "labels"))
 
 
-_WRITER_FILE = re.compile(r"(tokens|labels|shard)-\d{5}-of-\d{5}\.(npy|json)(\.tmp)?|manifest\.json(\.tmp)?")
+_WRITER_FILE = re.compile(r"(tokens|labels|shard)-\d{5}-of-\d{5}\.(npy|json)(\.tmp)?|manifest\.json(\.tmp)?"
+                          r"|\.rar-write-test-\d+")  # (the writability probe of a run killed at that instant)
 
 
 def _check_shard_folder(out: Path, source: _Source) -> None:
