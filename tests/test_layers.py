@@ -17,7 +17,7 @@ LAYERS = ["core", "model", "decode", "inference", "data", "tokenizer", "metrics"
 OPTIONAL = ("gradio", "matplotlib", "huggingface_hub", "torch.utils.tensorboard", "mlxtend")
 # `rar --help` must not import torch: the CLI imports its commands when they run (its module
 # docstring says so once, for all of them)
-LAZY_FOR_STARTUP = {"apps/cli.py", "apps/cli_data.py"}
+LAZY_FOR_STARTUP = {"apps/cli.py", "apps/cli_data.py", "apps/cli_flags.py"}
 
 
 def module_name(path: Path, root: Path) -> str:

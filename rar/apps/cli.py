@@ -17,6 +17,7 @@ import warnings
 from pathlib import Path
 
 from .cli_data import DATA_COMMANDS
+from .cli_flags import add_refine_flags, add_sampling_flags, refine_settings, sampling_settings
 
 
 class CLIError(Exception):
@@ -76,50 +77,6 @@ def _run_train(args) -> None:
           f"run folder {cfg.out_dir} (generator in {cfg.out_dir}/generator)")
 
 
-def _add_sampling_flags(p) -> None:
-    """The sampling settings every generating command takes (unset: the generator's defaults)."""
-    p.add_argument("--guidance-scale", type=float, default=None)
-    p.add_argument("--guidance-scale-pow", type=float, default=None)
-    p.add_argument("--temperature", type=float, default=None)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--steps", type=int, default=None,
-                   help="network passes (parallel decoding: several tokens per pass); default one per token")
-    p.add_argument("--schedule", default=None,
-                   help="group sizes over the passes: cosine (default), arccos, linear or constant")
-
-
-def _add_refine_flags(p) -> None:
-    p.add_argument("--refine-rounds", type=int, default=0,
-                   help="after sampling, resample a fraction of each image's tokens given all the others this many times")
-    p.add_argument("--refine-fraction", type=float, default=None,
-                   help="share of the tokens resampled per round (default 0.1)")
-    p.add_argument("--refine-select", default=None, choices=["likelihood", "random"],
-                   help="which tokens: the least likely given their context, or random ones")
-
-
-def _refine_settings(args):
-    from ..inference.refinement import RefineSettings
-
-    given = [f for f, v in (("--refine-fraction", args.refine_fraction), ("--refine-select", args.refine_select))
-             if v is not None]
-    if given and not args.refine_rounds:
-        raise CLIError(f"{given[0]} has no effect without --refine-rounds N (N >= 1 rounds of refinement).")
-    return RefineSettings(args.refine_rounds, 0.1 if args.refine_fraction is None else args.refine_fraction,
-                          args.refine_select or "likelihood")
-
-
-def _sampling_settings(args):
-    """The sampling flags as a `SamplingSettings` (unset flags stay None: the preset's values)."""
-    from ..inference.sampler import SamplingSettings
-
-    if args.schedule is not None and args.steps is None:
-        raise CLIError("--schedule sets the group sizes of parallel decoding; give --steps S (fewer passes than "
-                       "tokens) with it.")
-    return SamplingSettings(args.guidance_scale, args.guidance_scale_pow, args.temperature, args.top_k, args.top_p,
-                            steps=args.steps, schedule=args.schedule)
-
-
 def _add_sample(sub) -> None:
     p = sub.add_parser("sample", help="sample images (or tokens) from a generator")
     p.add_argument("--generator", required=True, help="official rar_*.bin or a folder saved by rar train")
@@ -131,10 +88,10 @@ def _add_sample(sub) -> None:
                         "generators trained with rar train carry their own")
     p.add_argument("--num-per-class", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
-    _add_sampling_flags(p)
+    add_sampling_flags(p)
     p.add_argument("--order", default=None, help="scan order: raster, spiral_in, spiral_out, z_curve, subsample, "
                    "alternate, random (one per sample from the seed) or wavefront (for --steps)")
-    _add_refine_flags(p)
+    add_refine_flags(p)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -149,7 +106,7 @@ def _run_sample(args) -> None:
     summary = sample_to_folder(
         args.generator, args.out, classes=args.classes, class_names=args.class_names, num_per_class=args.num_per_class, seed=args.seed,
         tokenizer=args.tokenizer, preset=args.preset, batch_size=args.batch_size, device=args.device,
-        dtype=args.dtype, order=args.order, refine=_refine_settings(args), settings=_sampling_settings(args),
+        dtype=args.dtype, order=args.order, refine=refine_settings(args), settings=sampling_settings(args),
         overwrite=args.overwrite)
     print(summary)
 
@@ -164,11 +121,11 @@ def _add_sample_eval(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--chunk-size", type=int, default=256)
-    _add_sampling_flags(p)
+    add_sampling_flags(p)
     p.add_argument("--order", default=None, help="scan order (as rar sample's), recorded in the file's settings")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    _add_refine_flags(p)
+    add_refine_flags(p)
     p.add_argument("--overwrite", action="store_true",
                    help="redo chunks (and the final file) made with other settings instead of refusing")
     p.set_defaults(func=_run_sample_eval)
@@ -183,7 +140,7 @@ def _run_sample_eval(args) -> None:
     from ..model.weights import load_generator
     from ..tokenizer.vqgan import load_any_tokenizer
 
-    refine = _refine_settings(args)  # checked before any process group or model
+    refine = refine_settings(args)  # checked before any process group or model
     _init_distributed(args.device)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     device = resolve_device(args.device)  # "cuda": this process's GPU, set by _init_distributed
@@ -191,7 +148,7 @@ def _run_sample_eval(args) -> None:
     tokenizer = load_any_tokenizer(args.tokenizer).to(device).eval()
     res = sample_eval(model, tokenizer, args.out, num_per_class=args.num_per_class, num_classes=args.num_classes,
                       seed=args.seed, batch_size=args.batch_size, chunk_size=args.chunk_size, rank=rank,
-                      world_size=world, overwrite=args.overwrite, refine=refine, settings=_sampling_settings(args),
+                      world_size=world, overwrite=args.overwrite, refine=refine, settings=sampling_settings(args),
                       order=args.order)
     if dist.is_initialized():
         dist.barrier()
@@ -222,7 +179,7 @@ def _add_edit_flags(p) -> None:
                         "instead of feeding them first")
     p.add_argument("--order", default=None, help="order of the generated tokens: raster (default), a scan order, "
                    "random or wavefront")
-    _add_sampling_flags(p)
+    add_sampling_flags(p)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
 
@@ -230,7 +187,7 @@ def _add_edit_flags(p) -> None:
 def _edit_kwargs(args) -> dict:
     return dict(generator=args.generator, tokenizer=args.tokenizer, label=args.label, class_names=args.class_names,
                 num=args.num, seed=args.seed, paste_back=args.paste_back, kept_first=args.kept_first,
-                order=args.order, device=args.device, dtype=args.dtype, settings=_sampling_settings(args),
+                order=args.order, device=args.device, dtype=args.dtype, settings=sampling_settings(args),
                 overwrite=args.overwrite)
 
 
