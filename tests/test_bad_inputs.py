@@ -348,6 +348,7 @@ CLI_CASES = {
                                                 "{D}/digits_64px.npz"], "--ref is not used with --digits"),
     "ablate out_dir is a file": (["ablate", "{D}/study_sets_out_dir.yaml", "variants={a: []}", "out_dir={D}/a_file"],
                                  "is an existing file"),
+    "sample top_k above the codebook": (["sample", "{G}", "--top-k", "100000"], "at most the codebook size"),
     "inpaint two classes": (["inpaint", "{D}/photo.png", "--mask", "{D}/mask.png", "--generator", "{D}/gen",
                              "--tokenizer", "{D}/tok", "--class", "1,2", "--out", "{T}/i"], "--class takes one class"),
 }
@@ -414,6 +415,7 @@ def test_generate_rejects_bad_arguments(files):
         (dict(labels=[1], indices=[1.7]), "indices must be one integer"),
         (dict(labels=[1], indices=[float("nan")]), "indices must be one integer"),
         (dict(labels=[1], order=["raster"]), "order must be"),
+        (dict(labels=[1], top_k=65), "at most the codebook size 64"),
     ]
     for kwargs, message in bad:
         labels = kwargs.pop("labels")
@@ -427,6 +429,15 @@ def test_generate_rejects_bad_arguments(files):
         with pytest.raises(TypeError, match=message):
             generate(kwargs.pop("model", model), [1], **kwargs)
         OUTCOMES[f"generate {message}"] = "clear"
+    from rar.inference.sampler import cached_logits
+
+    tokens = torch.zeros(2, 64, dtype=torch.long)
+    for args, kwargs, message in [((tokens + 99, [1, 2]), {}, "outside the codebook"),
+                                  ((tokens, [1, 11]), {}, "outside"), ((tokens, [1, 2]), dict(kept=[100, 0]), "kept must be"),
+                                  ((tokens, [1, 2]), dict(kept=[-5, 0]), "kept must be")]:
+        with pytest.raises(ValueError, match=message):
+            cached_logits(model, *args, **kwargs)
+        OUTCOMES[f"cached_logits {message} {kwargs}"] = "clear"
     # a numpy permutation is an order like a tensor one (it used to meet `order == "random"`)
     assert torch.equal(generate(model, [1], seed=0, order=np.arange(64)), generate(model, [1], seed=0))
     with pytest.raises(ValueError, match="kept_first must be True or False"):

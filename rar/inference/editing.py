@@ -105,7 +105,7 @@ def edit(model: RAR | DecodeBackend, tokens, keep, labels, *, settings: Sampling
     if labels.shape[0] != B:
         raise ValueError(f"labels has {labels.shape[0]} entries for {B} rows of tokens; give one label per row.")
     s = resolve_settings(backend.sampling, guidance_scale, guidance_scale_pow, temperature, top_k, top_p, settings,
-                         steps, schedule)
+                         steps, schedule, backend.config.codebook_size)
     n_steps, _ = check_steps(s.steps or T, s.schedule, T)
     seed, indices = resolve_seeds(seed, generator, B), check_indices(indices, B)
     orders, times = decode_orders(order, backend, tokens.device, B, seed, indices, n_steps)

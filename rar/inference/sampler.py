@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from ..core.checks import check_indices, check_labels, check_sampling_values
+from ..core.checks import check_indices, check_labels, check_sampling_values, check_tokens
 from ..core.seeds import mix_seed, resolve_seed, row_seeds
 from ..decode.backend import DecodeBackend, prepare
 from ..decode.cache import CachedDecoder
@@ -110,11 +110,19 @@ class SamplingSettings:
 
 def resolve_settings(defaults: SamplingDefaults, guidance_scale=None, guidance_scale_pow=None, temperature=None,
                      top_k=None, top_p=None, settings: SamplingSettings | None = None, steps=None,
-                     schedule=None) -> SamplingSettings:
+                     schedule=None, codebook_size: int | None = None) -> SamplingSettings:
     """`settings` (default: all unset) with the loose keywords given applied, resolved against the
-    model's `defaults` and checked."""
-    return with_overrides(settings, guidance_scale, guidance_scale_pow, temperature, top_k, top_p, steps,
-                          schedule).resolve(defaults)
+    model's `defaults` and checked (top_k against `codebook_size` when given)."""
+    s = with_overrides(settings, guidance_scale, guidance_scale_pow, temperature, top_k, top_p, steps,
+                       schedule).resolve(defaults)
+    check_top_k(s, codebook_size)
+    return s
+
+
+def check_top_k(s: SamplingSettings, codebook_size: int | None) -> None:
+    if codebook_size is not None and s.top_k is not None and s.top_k > codebook_size:
+        raise ValueError(f"top_k must be at most the codebook size {codebook_size} (it keeps the top_k most likely "
+                         f"codes), got {s.top_k}.")
 
 
 def with_overrides(settings: SamplingSettings | None, guidance_scale=None, guidance_scale_pow=None, temperature=None,
@@ -133,6 +141,7 @@ def check_plan(model, settings: SamplingSettings | None, order) -> SamplingSetti
     """The resolved settings, with their steps and `order` checked against the model, before any
     work: what the file front-ends call first."""
     s = (settings or SamplingSettings()).resolve(model.sampling)
+    check_top_k(s, model.config.codebook_size)
     check_steps(s.steps or model.config.num_tokens, s.schedule, model.config.num_tokens)
     generation_order(order, model, "cpu")
     return s
@@ -192,7 +201,7 @@ def generate(model: RAR | DecodeBackend, labels, *, settings: SamplingSettings |
     backend = as_backend(model, packed=pack_weights)
     labels = check_labels(labels, backend.config.num_classes, backend.device)
     s = resolve_settings(backend.sampling, guidance_scale, guidance_scale_pow, temperature, top_k, top_p, settings,
-                         steps, schedule)
+                         steps, schedule, backend.config.codebook_size)
     B, T = labels.shape[0], backend.config.num_tokens
     n_steps, _ = check_steps(s.steps or T, s.schedule, T)
     seed, indices = resolve_seeds(seed, generator, B), check_indices(indices, B)
@@ -252,11 +261,16 @@ def cached_logits(model: RAR | DecodeBackend, tokens: torch.Tensor, labels: torc
     by the one-pass prefill (the editing path) and the rest by decode steps. A model is decoded
     with its own linears (`prepare(model, packed=False)`); pass a backend to check another."""
     backend = as_backend(model, packed=False)
+    tokens = check_tokens(tokens, backend.config, backend.device)
     B, T = tokens.shape
+    labels = check_labels(labels, backend.config.num_classes, backend.device, B)
     if isinstance(order, str) and order in STEP_ORDERS:
         raise ValueError(f"order {order!r} is made per sampling call; give cached_logits the (B, T) orders themselves.")
     orders = generation_order(order, backend, tokens.device, B).expand(B, T)
-    kept = torch.zeros(B, dtype=torch.long, device=tokens.device) if kept is None else torch.as_tensor(kept).long()
+    kept = torch.zeros(B, dtype=torch.long, device=tokens.device) if kept is None else torch.as_tensor(kept)
+    if kept.shape != (B,) or kept.is_floating_point() or bool((kept < 0).any() | (kept > T).any()):
+        raise ValueError(f"kept must be ({B},) integer counts of known tokens in [0, {T}], got {kept.tolist()}.")
+    kept = kept.long().to(tokens.device)
     dec = CachedDecoder(backend, labels, orders, kept)
     pre = dec.prefill(tokens, all_logits=True)  # (B, K_max + 2, V); slot s of row b is its position s - offset
     # order index j is predicted at position j + 1 (clamped: past a row's last known token it is unused)
