@@ -3,10 +3,11 @@ names the input, the value and what was expected."""
 from __future__ import annotations
 
 import math
-import operator
 import warnings
 
 import torch
+
+from .seeds import whole_number
 
 # Temperatures: below GREEDY_TEMPERATURE the draw is practically an argmax (a warning); below
 # MIN_TEMPERATURE logits / temperature can overflow float32 and the draws degenerate (refused).
@@ -106,14 +107,6 @@ def check_tokens(tokens, config, device, known: torch.Tensor | None = None) -> t
     return tokens
 
 
-def _whole(value) -> int | None:
-    """An integer as it is (Python, numpy or a 0-d integer tensor); anything else None (never truncated)."""
-    try:
-        return operator.index(value)
-    except TypeError:
-        return None
-
-
 def check_indices(indices, batch_size: int) -> list[int]:
     """Sample indices (default 0..B-1), one per sample."""
     if indices is None:
@@ -122,7 +115,7 @@ def check_indices(indices, batch_size: int) -> list[int]:
         items = list(indices)
     except TypeError:
         items = None
-    values = [None if isinstance(i, bool) else _whole(i) for i in items] if items is not None else [None]
+    values = [whole_number(i) for i in items] if items is not None else [None]
     if any(v is None or v < 0 for v in values):
         raise ValueError(f"indices must be one integer >= 0 per sample (a list or range), got {str(indices)[:60]!r}.")
     indices = values

@@ -7,15 +7,21 @@ import numpy as np
 import torch
 
 
+def whole_number(value) -> int | None:
+    """`value` as an int when it is an integer (Python, numpy or a 0-d integer tensor, not a bool),
+    else None: a float or a bool is refused by the callers, never truncated."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
 def mix_seed(*parts: int) -> int:
     """A 63-bit seed from several integers, e.g. (seed, step) in training or (seed, index) in
     sampling: each combination gets its own independent random stream."""
-    values = []
-    for p in parts:
-        try:
-            values.append(None if isinstance(p, bool) else operator.index(p))
-        except TypeError:
-            values.append(None)
+    values = [whole_number(p) for p in parts]
     if any(v is None or v < 0 for v in values):
         raise ValueError(f"seeds and sample indices must be integers >= 0, got {', '.join(map(repr, parts))}.")
     return int(np.random.SeedSequence(values).generate_state(1, np.uint64)[0] >> 1)
@@ -28,10 +34,7 @@ def resolve_seed(seed: int | None, generator: torch.Generator | None) -> int:
         raise TypeError(f"generator must be a torch.Generator (or None), got {type(generator).__name__}.")
     if seed is None:
         return int(torch.randint(0, 2**62, (1,), generator=generator).item())
-    try:
-        value = None if isinstance(seed, bool) else operator.index(seed)
-    except TypeError:
-        value = None
+    value = whole_number(seed)
     if value is None or value < 0:
         raise ValueError(f"seed must be an integer >= 0, got {seed!r}.")
     return value

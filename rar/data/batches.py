@@ -49,9 +49,6 @@ def load_token_shards(path: str) -> TokenData:
     """Read a folder written by `rar tokenize` (memory-mapped; nothing is parsed)."""
     shards = TokenShards(path)
     m = shards.manifest
-    if len(shards.labels) == 0:
-        raise ValueError(f"token shards {str(path)!r} hold no images; expected at least one (rar tokenize of a "
-                         "folder with images).")
     return TokenData(shards.tokens, np.asarray(shards.labels, dtype=np.int64), len(shards.class_names),
                      int(m["codebook_size"]), list(shards.class_names), m.get("tokenizer_path"))
 

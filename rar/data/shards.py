@@ -87,6 +87,9 @@ class TokenShards:
         if len(self.tokens) != len(self.labels) or len(self.labels) != self.manifest["num_images"]:
             raise ValueError(f"{str(self.path)!r}: the shards hold {len(self.labels)} images but the manifest's "
                              f"num_images is {self.manifest['num_images']}; re-run `rar tokenize`.")
+        if len(self.labels) == 0:  # nothing to train on, score or evaluate
+            raise ValueError(f"token shards {str(self.path)!r} hold no images; expected at least one (rar tokenize of a "
+                             "folder with images).")
 
     def __len__(self) -> int:
         return len(self.labels)

@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from ..core.checks import check_counts
 from ..core.devices import resolve_device
 from ..model.transformer import RAR, BlockModulation, HeadModulation
 from .cpu import attention_kernel, linear_kernel
@@ -148,8 +149,8 @@ def _check_prepare_args(model, device, dtype, rows) -> None:
         resolve_device(str(device))  # one sentence for a device torch lacks (mps, cuda on a CPU-only build, a typo)
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dtype must be a floating torch.dtype such as torch.float32 or torch.bfloat16, got {dtype!r}.")
-    if rows is not None and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 1):
-        raise ValueError(f"rows must be a positive integer (rows per decode step: 2 x batch with guidance), got {rows!r}.")
+    if rows is not None:
+        check_counts(rows=rows)  # rows per decode step: 2 x batch with guidance
 
 
 def prepare(model: RAR, *, device=None, dtype: torch.dtype | None = None, rows: int | None = None,

@@ -23,7 +23,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..core.checks import check_labels, check_tokens
+from ..core.checks import check_counts, check_labels, check_tokens
 from ..core.seeds import resolve_seed
 from ..model.orders import is_permutation, named_order
 from ..model.transformer import RAR
@@ -95,8 +95,8 @@ def _check_model_and_batch(model, batch_size) -> None:
     if not isinstance(model, RAR):
         raise TypeError(f"model must be a rar.RAR (likelihoods need the training-time forward, not a prepared decode "
                         f"backend), got {type(model).__name__}.")
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
-        raise ValueError(f"batch_size must be a positive integer (or None), got {batch_size!r}.")
+    if batch_size is not None:
+        check_counts(batch_size=batch_size)
 
 
 def log_likelihood(model: RAR, tokens, labels, *, orders="raster", num_orders: int = 1, seed: int = 0,

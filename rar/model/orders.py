@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from ..core.checks import check_counts, finite
+
 
 def random_ratio(step: int, anneal_start: int, anneal_end: int, r_final: float = 0.0) -> float:
     """Probability that a training sequence is permuted at `step`: 1 before `anneal_start`,
@@ -26,13 +28,8 @@ def random_ratio(step: int, anneal_start: int, anneal_end: int, r_final: float =
     return 1.0 - (1.0 - r_final) * (step - anneal_start) / (anneal_end - anneal_start)
 
 
-def _require_count(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-
-
 def _require_probability(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:  # NaN fails too
+    if not (finite(value) and 0 <= value <= 1):
         raise ValueError(f"{name} must be a probability in [0, 1], got {value!r}.")
 
 
@@ -41,8 +38,7 @@ def sample_orders(batch_size: int, num_tokens: int, ratio: float, generator: tor
     """(B, T) orders: each row a uniform random permutation with probability `ratio`, else raster
     (or the scan order `base` (T,), e.g. `named_order("z_curve", g)`: the order annealing ends in).
     Draws happen on the generator's device (CPU by default) so results do not depend on `device`."""
-    _require_count("batch_size", batch_size)
-    _require_count("num_tokens", num_tokens)
+    check_counts(batch_size=batch_size, num_tokens=num_tokens)
     _require_probability("ratio", ratio)
     g_device = generator.device if generator is not None else "cpu"
     permute = torch.rand(batch_size, generator=generator, device=g_device) < ratio  # (B,)
@@ -112,7 +108,7 @@ NAMED_ORDERS = {
 
 def named_order(name: str, grid_size: int) -> torch.Tensor:
     """(T,) int64 raster indices of the named scan order on a grid_size x grid_size token grid."""
-    _require_count("grid_size", grid_size)
+    check_counts(grid_size=grid_size)
     key = str(name).replace("-", "_")
     if key not in NAMED_ORDERS:
         raise ValueError(f"unknown order {name!r}; expected one of {', '.join(NAMED_ORDERS)}.")

@@ -61,9 +61,7 @@ def _heldout(path: str, config) -> tuple[torch.Tensor, torch.Tensor]:
     data = load_token_shards(path)
     tokens = torch.as_tensor(np.array(data.tokens[:, 0]), dtype=torch.long)  # (N, T): the plain view
     labels = torch.as_tensor(data.labels, dtype=torch.long)
-    what = f"eval.heldout {path!r}"
-    if len(tokens) == 0:
-        raise ValueError(f"{what} holds no images; expected held-out token shards.")
+    what = f"eval.heldout {path!r}"  # (empty shards are refused by load_token_shards)
     if tokens.shape[1] != config.num_tokens or data.codebook_size != config.codebook_size:
         raise ValueError(f"{what} holds {tokens.shape[1]} tokens per image of a codebook of {data.codebook_size}; "
                          f"the model expects {config.num_tokens} of {config.codebook_size} (the same tokenizer).")
