@@ -59,11 +59,15 @@ class StudyConfig:
         for name, sets in self.variants.items():  # each variant is a folder under out_dir
             require(re.fullmatch(r"[A-Za-z0-9_+-][A-Za-z0-9_.+-]*", str(name)) is not None, "variants", name,
                     "a plain folder name per variant (letters, digits, _ . + -)")
-            owned = [t for t in sets if t.split("=", 1)[0].strip() in RUN_KEYS]
-            require(not owned, f"variants.{name}", owned, f"overrides of keys other than {', '.join(RUN_KEYS)} "
-                    "(the study sets them per run: seeds and out_dir)")
-        owned = [t for t in self.overrides if t.split("=", 1)[0].strip() in RUN_KEYS]
-        require(not owned, "overrides", owned, f"overrides of keys other than {', '.join(RUN_KEYS)} (set per run)")
+            require(not (owned := _run_keys_in(sets)), f"variants.{name}", owned, f"overrides of keys other than "
+                    f"{', '.join(RUN_KEYS)} (the study sets them per run: seeds and out_dir)")
+        require(not (owned := _run_keys_in(self.overrides)), "overrides", owned,
+                f"overrides of keys other than {', '.join(RUN_KEYS)} (set per run)")
+
+
+def _run_keys_in(overrides) -> list[str]:
+    """The `key=value` overrides that set a key the study sets for every run itself."""
+    return [t for t in overrides if t.split("=", 1)[0].strip() in RUN_KEYS]
 
 
 def _base_path(study: StudyConfig, study_file: Path) -> Path:
@@ -78,7 +82,7 @@ def run_configs(study: StudyConfig, study_file: Path, extra=()) -> list[tuple[st
     """(variant, seed, its training config) for every run, each built and checked now; `extra`
     overrides apply to every run after the study's own (the command line's train.KEY=VALUE)."""
     base = _base_path(study, study_file)
-    owned = [t for t in extra if t.split("=", 1)[0].strip() in RUN_KEYS]
+    owned = _run_keys_in(extra)
     if owned:
         raise ValueError(f"train.{owned[0]} cannot be set for a study: each run's seed and out_dir come from the "
                          "study's seeds and out_dir (set those instead, e.g. seeds=[0,1]).")

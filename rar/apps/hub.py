@@ -10,7 +10,8 @@ def from_pretrained(name_or_path, *, cache_dir=None, offline: bool = False):
     """A generator (`rar.RAR`) or the tokenizer (`rar.VQGAN`) by name ("rar_b", "rar_l", "rar_xl",
     "rar_xxl", "maskgit-vqgan", "hf://user/repo") or path (an official file or a saved folder)."""
     s = str(name_or_path)
-    if not s.strip() or s.strip() == HUB_PREFIX or (s.startswith(HUB_PREFIX) and not s[len(HUB_PREFIX):].strip("/")):
+    t = s.strip()
+    if not t or (t.startswith(HUB_PREFIX) and not t[len(HUB_PREFIX):].strip("/")):
         raise ValueError(f"name_or_path {s!r} is empty; expected a path or a name ({', '.join(OFFICIAL)}, "
                          f"{HUB_PREFIX}user/repo).")
     path = resolve(s, cache_dir=cache_dir, offline=offline)

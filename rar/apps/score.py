@@ -38,8 +38,6 @@ def read_data(data, tokenizer, class_names=None, num_classes=None) -> tuple[list
     root = require_path(data, "data", "folder", "an image folder or token shards")
     if (root / "manifest.json").is_file():
         shards = TokenShards(root)
-        if len(shards) == 0:
-            raise ValueError(f"data {str(root)!r} holds no images; expected token shards of at least one.")
         tokens = torch.from_numpy(np.stack([np.asarray(shards[i][0]).reshape(shards.views, -1)[0]
                                             for i in range(len(shards))]).astype(np.int64))
         return [str(i) for i in range(len(shards))], tokens, shards.labels, None
@@ -50,9 +48,9 @@ def read_data(data, tokenizer, class_names=None, num_classes=None) -> tuple[list
     if any(p.is_dir() for p in root.iterdir()):
         paths, labels, folders = list_image_folder(root)
         if class_names and set(folders) <= set(class_names):
-            labels = np.asarray([class_names.index(folders[i]) for i in labels], dtype=np.int64)
+            labels = np.asarray([class_names.index(f) for f in folders], dtype=np.int64)[labels]  # one lookup per folder
         elif all(f.isdecimal() for f in folders):  # folders named by class id ("3", "7"): those ids, not positions
-            labels = np.asarray([int(folders[i]) for i in labels], dtype=np.int64)
+            labels = np.asarray([int(f) for f in folders], dtype=np.int64)[labels]
             if num_classes is not None and int(labels.max()) >= num_classes:
                 raise ValueError(f"data {str(root)!r} has the class folder {str(int(labels.max()))!r}; the generator's "
                                  f"classes are 0..{num_classes - 1}.")
