@@ -30,15 +30,14 @@ SCHEDULES = ("generated", "sequence")
 
 
 def _check_tokens_and_keep(tokens, keep, backend: DecodeBackend) -> tuple[torch.Tensor, torch.Tensor]:
-    tokens_ok = check_tokens(tokens, backend.config, backend.device, known=torch.zeros((), dtype=torch.bool))
+    # the tokens' own shape and type first (their codes only where kept: unknown ones may hold anything)
+    tokens = check_tokens(tokens, backend.config, backend.device, known=torch.zeros((), dtype=torch.bool))
     try:
         keep = torch.as_tensor(keep, device=backend.device)
     except (TypeError, ValueError, RuntimeError):
         raise ValueError(f"keep must be a bool tensor of the tokens' shape (True = keep), got {str(keep)[:60]!r}.") from None
-    shape = tokens_ok.shape
-    if keep.shape != shape or keep.dtype != torch.bool:
-        check_tokens(tokens, backend.config, backend.device)  # the tokens' own shape and type first
-        raise ValueError(f"keep must be a bool tensor of the tokens' shape {tuple(shape)} (True = keep), "
+    if keep.shape != tokens.shape or keep.dtype != torch.bool:
+        raise ValueError(f"keep must be a bool tensor of the tokens' shape {tuple(tokens.shape)} (True = keep), "
                          f"got a {str(keep.dtype).removeprefix('torch.')} tensor of shape {tuple(keep.shape)}.")
     tokens = check_tokens(tokens, backend.config, backend.device, known=keep)
     return tokens.clamp(0, backend.config.codebook_size - 1), keep  # unknown positions may hold anything (e.g. -1)
