@@ -82,3 +82,27 @@ def test_the_schedule_study_configs_load_and_validate(name, tmp_path):
         assert windows == {"early_0.25_0.5": (1000, 2000), "late_0.75_1.0": (3000, 4000), "whole_run_0_1": (0, 4000)}
     if name in ("ablation_window", "ablation_converged"):  # the paper's window is the converged study's `annealed`
         assert all(c.max_steps == 4000 and c.eval.every == 500 for _, _, c in runs)
+
+
+def test_a_mapping_override_replaces_variants_and_a_section_override_sets_fields(tmp_path):
+    """`variants={a: [...]}` on the command line runs variant a alone (it used to be merged into the
+    file's four variants, and `variants={}` changed nothing); `variants.a=[...]` adds one; a mapping
+    given for a section of a training config sets those fields and keeps the file's others."""
+    from pathlib import Path
+
+    from rar.apps.ablate import StudyConfig
+    from rar.core.runconfig import load_config
+    from rar.training.config import TrainConfig
+
+    configs = Path(__file__).resolve().parents[1] / "rar" / "configs"
+    study = configs / "ablation_schedule.yaml"
+    file_variants = load_config(StudyConfig, study).variants
+    assert len(file_variants) > 1
+    assert load_config(StudyConfig, study, ["variants={only: [optim.lr=1e-3]}"]).variants == {"only": ["optim.lr=1e-3"]}
+    added = load_config(StudyConfig, study, ["variants.extra=[optim.lr=1e-3]"]).variants
+    assert added == {**file_variants, "extra": ["optim.lr=1e-3"]}
+    with pytest.raises(ValueError, match="'variants' must be at least one variant"):
+        load_config(StudyConfig, study, ["variants={}"])
+    base = load_config(TrainConfig, configs / "demo_rar.yaml", ["data.synthetic=true"])
+    set_lr = load_config(TrainConfig, configs / "demo_rar.yaml", ["data.synthetic=true", "optim={lr: 0.00123}"])
+    assert set_lr.optim.lr == 0.00123 and set_lr.optim.warmup_steps == base.optim.warmup_steps == 0.05  # file's, not 0.25

@@ -41,6 +41,29 @@ def test_kernel_is_as_accurate_as_torch_attention(head_dim, length, scale):
 
 
 @needs_kernel
+@pytest.mark.parametrize("with_starts", [False, True])
+def test_the_fused_cache_write_equals_writing_first(with_starts):
+    """`new=(k_new, v_new)` stores them at the last position and attends exactly as if they had been
+    written there before the call (the decode step's write, fused into the kernel), for the kernel
+    and torch's fallback alike; the other positions are left as they were."""
+    kernel = attention_kernel.load(48, FLAGS)
+    assert kernel is not None, attention_kernel.unavailable_reason(48, FLAGS)
+    g = torch.Generator().manual_seed(3)
+    q, k, v = cache_slices(g, 5, 4, 40, 48)
+    pair = F.layer_norm(torch.randn(5, 2, 4, 48, generator=g), (48,))  # (R, 2, H, Dh): a strided k_new
+    k_new, v_new = pair[:, 1], torch.randn(5, 3, 4, 48, generator=g)[:, 2]
+    starts = torch.tensor([0, 3, 0, 39, 7]) if with_starts else None
+    for attend in (kernel, single_query_attention):
+        k1, v1, k2, v2 = k.clone(), v.clone(), k.clone(), v.clone()
+        k1[:, :, -1], v1[:, :, -1] = k_new, v_new
+        expected = attend(q, k1, v1, starts)
+        assert torch.equal(attend(q, k2, v2, starts, new=(k_new, v_new)), expected)
+        assert torch.equal(k2, k1) and torch.equal(v2, v1)
+    with pytest.raises(ValueError, match="expects fp32 CPU q"):
+        kernel(q, k, v, new=(k_new.double(), v_new))
+
+
+@needs_kernel
 def test_kernel_does_not_depend_on_the_thread_count_and_rejects_other_inputs():
     kernel = attention_kernel.load(48, FLAGS)
     assert kernel is not None, attention_kernel.unavailable_reason(48, FLAGS)
@@ -86,7 +109,7 @@ def test_sampler_runs_the_kernel_with_the_same_results(tiny_official, rar_refere
     assert (bf16.attention is single_query_attention) == (bf16.dtype == torch.bfloat16)
     calls = []
     fn = with_kernel.attention._fn  # the process's kernel: patched for this test only
-    monkeypatch.setattr(with_kernel.attention, "_fn", lambda *a: calls.append(a[10]) or fn(*a))  # lengths
+    monkeypatch.setattr(with_kernel.attention, "_fn", lambda *a: calls.append(a[13]) or fn(*a))  # lengths
     labels = rar_reference["greedy_labels"]
     tokens = generate(with_kernel, labels, guidance_scale=16.0, guidance_scale_pow=2.75, top_k=1)
     assert torch.equal(tokens, rar_reference["greedy_tokens"]["g16.0_pow2.75"])

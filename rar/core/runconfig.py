@@ -136,7 +136,10 @@ def _load_mapping(p: Path):
 
 
 def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: Iterable[str] = ()) -> T:
-    """A `cls` instance from its defaults <- the YAML file <- the dotted overrides."""
+    """A `cls` instance from its defaults <- the YAML file <- the dotted overrides. An override sets
+    its key's value: a mapping given for a free mapping (a study's `variants`) replaces the file's
+    rather than merging into it (`key.entry=value` sets one entry); given for a section
+    (`optim={lr: 1e-3}`) it sets those fields."""
     layers, source, overrides = [OmegaConf.structured(cls)], "config", list(overrides)
     if path is not None:
         source = f"config file {str(path)!r}"
@@ -145,7 +148,15 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: 
     for layer, where in zip(layers[1:], [source, "override"][-len(layers) + 1:]):
         _check_shapes(cls, OmegaConf.to_container(layer), where)
     try:
-        return OmegaConf.to_object(OmegaConf.merge(*layers))
+        merged = OmegaConf.merge(*layers[:-1])
+        for text in overrides:  # in order, each as its own layer
+            key = text.split("=", 1)[0].strip()
+            node = OmegaConf.select(merged, key, default=None)
+            replace = OmegaConf.is_dict(node) and OmegaConf.get_type(node) is dict  # a free mapping, not a section
+            merged = OmegaConf.merge(merged, _overrides([text])) if not replace else merged
+            if replace:  # variants={a: [...]} runs variant a alone
+                OmegaConf.update(merged, key, OmegaConf.select(_overrides([text]), key), merge=False)
+        return OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         raise _clear(err, _blame(err, source, overrides)) from None
 

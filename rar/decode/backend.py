@@ -67,14 +67,18 @@ def fold_adaln(model: RAR) -> torch.nn.Linear:
 
 
 def single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                           starts: torch.Tensor | None = None) -> torch.Tensor:
+                           starts: torch.Tensor | None = None,
+                           new: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """softmax(q k^T / sqrt(Dh)) v for q (R, H, Dh) and k, v (R, H, L, Dh): (R, H * Dh), with torch's
     kernels (the compiled `attention_kernel` has the same signature). `starts` (R,), if given, is
-    each row's first position to attend to (the slots before it are padding). fp32 uses torch's
+    each row's first position to attend to (the slots before it are padding); `new` = (k_new,
+    v_new) (R, H, Dh), if given, is written to position L - 1 of k and v first. fp32 uses torch's
     fused kernel. In bf16 that kernel is slower on CPU than two matmuls around an fp32 softmax
     (BENCHMARKS.md), so those are used there; their scores are rounded to bf16 before the
     softmax, which about doubles the fused kernel's error against fp32 (the test bounds it)."""
     R, H, Dh = q.shape
+    if new is not None:
+        k[:, :, -1], v[:, :, -1] = new
     q = q[:, :, None]  # (R, H, 1, Dh)
     valid = None if starts is None else (torch.arange(k.shape[2], device=k.device) >= starts[:, None])[:, None, None]
     if q.dtype == torch.float32 or q.device.type != "cpu":

@@ -89,10 +89,8 @@ def cached_step(blk: DecodeBlock, x: torch.Tensor, mod: torch.Tensor | FoldedMod
     v = qkv[:, 2 * D:].view(R * N, H, Dh)
     k_buf, v_buf = kv  # (R, H, S, Dh)
     n = N if outputs is None else min(outputs, N)  # the rows whose outputs are returned
-    if N == 1:  # the decode step: the single-query kernel over the cache
-        k_buf[:, :, slot] = k
-        v_buf[:, :, slot] = v
-        out = attention(q, k_buf[:, :, :slot + 1], v_buf[:, :, :slot + 1], rows.starts)  # (R, D)
+    if N == 1:  # the decode step: the single-query kernel writes k, v to `slot` and attends over the cache
+        out = attention(q, k_buf[:, :, :slot + 1], v_buf[:, :, :slot + 1], rows.starts, new=(k, v))  # (R, D)
     else:
         out = _rows_attention(q.view(R, N, H, Dh), k.view(R, N, H, Dh), v.view(R, N, H, Dh), kv, rows, attention, n)
     if n < N:

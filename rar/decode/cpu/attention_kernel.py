@@ -23,7 +23,9 @@ class SingleQueryAttention:
     """softmax(q k^T / sqrt(Dh)) v for one query per (row, head): q (R, H, Dh) with a contiguous last
     dimension, k and v (R, H, L, Dh) with contiguous (L, Dh) planes, as slices of a `KVCache`
     layer are; returns (R, H * Dh). `starts` (R,) int64, if given, is each row's first cached position
-    to attend to (0 <= start < L). Uses torch's intra-op threads (`torch.get_num_threads()`)."""
+    to attend to (0 <= start < L). `new` = (k_new, v_new), each shaped like q: the query's own key
+    and value, written to position L - 1 of k and v first (the decode step's cache write, done by the
+    threads that read it). Uses torch's intra-op threads (`torch.get_num_threads()`)."""
 
     def __init__(self, fn, head_dim: int, flags: tuple[str, ...] = (), multi_fn=None):
         self._fn, self.head_dim, self.flags, self._multi = fn, head_dim, tuple(flags), multi_fn
@@ -52,12 +54,15 @@ class SingleQueryAttention:
         return out
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                 starts: torch.Tensor | None = None) -> torch.Tensor:
+                 starts: torch.Tensor | None = None, new: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         R, H, L, Dh = k.shape
         ok = (q.dtype == k.dtype == v.dtype == torch.float32 and Dh == self.head_dim
               and q.device.type == k.device.type == v.device.type == "cpu"
               and q.shape == (R, H, Dh) and v.shape == k.shape and q.stride(-1) == 1
               and k.stride()[2:] == v.stride()[2:] == (Dh, 1) and 0 < L <= MAX_LENGTH)
+        if new is not None:
+            ok = ok and all(t.dtype == torch.float32 and t.device.type == "cpu" and t.shape == q.shape
+                            and t.stride(-1) == 1 for t in new)
         if not ok:
             raise ValueError(f"single_query_attention expects fp32 CPU q (R, H, {self.head_dim}) and cache slices "
                              f"(R, H, L<={MAX_LENGTH}, {self.head_dim}), got {tuple(q.shape)} and {tuple(k.shape)}.")
@@ -66,10 +71,13 @@ class SingleQueryAttention:
             if starts.shape != (R,) or starts.device.type != "cpu" or bool(((starts < 0) | (starts >= L)).any()):
                 raise ValueError(f"starts must be (R,) = ({R},) int64 CPU first positions in [0, {L}).")
         out = torch.empty(R, H * Dh, dtype=torch.float32, device="cpu")  # not the default dtype/device
-        strides = (ctypes.c_int64 * 6)(*q.stride()[:2], *k.stride()[:2], *v.stride()[:2])
+        k_new, v_new = (None, None) if new is None else new
+        strides = (ctypes.c_int64 * 10)(*q.stride()[:2], *k.stride()[:2], *v.stride()[:2],
+                                        *(k_new.stride()[:2] if new else (0, 0)), *(v_new.stride()[:2] if new else (0, 0)))
         self._fn(q.data_ptr(), strides, k.data_ptr(), ctypes.byref(strides, 16), v.data_ptr(),
-                 ctypes.byref(strides, 32), None if starts is None else starts.data_ptr(), out.data_ptr(),
-                 R, H, L, Dh ** -0.5, torch.get_num_threads())
+                 ctypes.byref(strides, 32), None if starts is None else starts.data_ptr(),
+                 None if new is None else k_new.data_ptr(), None if new is None else v_new.data_ptr(),
+                 ctypes.byref(strides, 48), out.data_ptr(), R, H, L, Dh ** -0.5, torch.get_num_threads())
         return out
 
 
@@ -80,7 +88,7 @@ def build(head_dim: int, flags) -> SingleQueryAttention:
     lib = toolchain.build_library("single_query_attention.c", flags, {"HEAD_DIM": head_dim})
     fn, multi = lib.single_query_attention, lib.multi_query_attention
     fn.restype = multi.restype = None
-    fn.argtypes = [ctypes.c_void_p] * 8 + [ctypes.c_int64] * 3 + [ctypes.c_float, ctypes.c_int]
+    fn.argtypes = [ctypes.c_void_p] * 11 + [ctypes.c_int64] * 3 + [ctypes.c_float, ctypes.c_int]
     multi.argtypes = [ctypes.c_void_p] * 10 + [ctypes.c_int64] * 4 + [ctypes.c_float, ctypes.c_int]
     return SingleQueryAttention(fn, head_dim, flags, multi)
 

@@ -12,13 +12,13 @@
  *   - K is walked in chunks of KC = 128 so that a group's chunk of xt (8 KiB) stays in L1 while
  *     the thread's panels stream past it; the accumulators go to a per-call buffer between chunks.
  *
- * Packed layout (rar/sampling/linear_kernel.py `pack`): for each chunk k0 = 0, KC, 2 KC, ... of
+ * Packed layout (rar/decode/cpu/linear_kernel.py `pack`): for each chunk k0 = 0, KC, 2 KC, ... of
  * width kn = min(KC, K - k0), for each panel p = 0 .. ceil(N / 6) - 1, for each k in the chunk,
  * the 6 weights W[6p + j][k0 + k], j = 0..5 (rows past N are zero). So the whole matrix is one
  * front-to-back stream per thread.
  *
  * Threads: torch's OpenMP runtime (the loader checks it) splits the panels evenly; every output is
- * summed in the same order whatever the thread count. Built by rar/sampling/linear_kernel.py. */
+ * summed in the same order whatever the thread count. Built by rar/decode/cpu/linear_kernel.py. */
 #include <immintrin.h>
 #include <omp.h>
 #include <stdint.h>

@@ -4,10 +4,16 @@
  *
  * Why it exists: a decode step at RAR-B batch 8 with guidance attends 16 rows x 16 heads over up
  * to 257 cached positions in each of 24 blocks. torch 2.13's fused CPU kernel reads that KV cache
- * at ~12-15 GB/s; these loops read each pair's keys, then its values, once, front to back, and
- * reach the ~20-27 GB/s this machine streams with that access pattern (BENCHMARKS.md).
+ * at ~12-15 GB/s; these loops read each pair's keys, then its values, once, front to back. Each
+ * pair's keys and values are short runs (12-48 KiB) far apart, too short for the hardware
+ * prefetcher to reach full speed, so the loops prefetch by hand: the keys PF_AHEAD positions
+ * ahead and the values one pass ahead (they are read next, from L2), and while summing the values,
+ * the first keys of the next pair. That took a pair's stream from ~21 to ~27-30 GB/s at 16 rows
+ * (BENCHMARKS.md). The caller may also hand over the query's own key and value (k_new, v_new):
+ * they are written to the last slot here, by the thread that reads them next, instead of by a
+ * strided copy of its own (~2-5 ms per step of RAR-B at 16 rows).
  *
- * Built at run time by rar/sampling/attention_kernel.py with -DHEAD_DIM=<head size> (fixed trip counts
+ * Built at run time by rar/decode/cpu/attention_kernel.py with -DHEAD_DIM=<head size> (fixed trip counts
  * for the inner loops) and -fopenmp. torch has already loaded its libgomp.so.1, so the loader
  * resolves this library's OpenMP to the same runtime: the threads below are torch's own
  * intra-op threads and no second pool competes for the cores (the loader checks this).
@@ -17,9 +23,15 @@
  * floats apart (slices of the (rows, heads, slots, head_dim) cache of rar.decode.cache.KVCache); out
  * (rows, heads, HEAD_DIM) contiguous. `length` is at most rar.decode.cpu.attention_kernel.MAX_LENGTH (scores live on the
  * stack). `starts` (NULL: all zero) gives each row its first cached position: rows of an editing
- * batch with fewer known tokens than others have padding slots in front (rar.decode.cache). */
+ * batch with fewer known tokens than others have padding slots in front (rar.decode.cache).
+ * k_new (NULL: none) and v_new, (rows, heads, HEAD_DIM) with strides new_strides[0..1] and
+ * [2..3], are copied to position length - 1 of k and v before the pair attends. */
 #include <stdint.h>
 #include <string.h>
+
+#ifndef PF_AHEAD
+#define PF_AHEAD 8 /* keys prefetched this many positions ahead (8-16 measured alike) */
+#endif
 
 #ifndef HEAD_DIM
 #error "compile with -DHEAD_DIM=<head size>"
@@ -44,22 +56,31 @@ static inline float exp_nonpositive(float x) {
   return p * two_n.f;
 }
 
-void single_query_attention(const float *q, const int64_t *q_strides, const float *k,
-                            const int64_t *k_strides, const float *v, const int64_t *v_strides,
-                            const int64_t *starts, float *out, int64_t rows, int64_t heads,
+void single_query_attention(const float *q, const int64_t *q_strides, float *k,
+                            const int64_t *k_strides, float *v, const int64_t *v_strides,
+                            const int64_t *starts, const float *k_new, const float *v_new,
+                            const int64_t *new_strides, float *out, int64_t rows, int64_t heads,
                             int64_t length, float scale, int num_threads) {
 #pragma omp parallel for num_threads(num_threads) schedule(static)
   for (int64_t pair = 0; pair < rows * heads; pair++) {
     int64_t r = pair / heads, h = pair % heads;
     const float *qp = q + r * q_strides[0] + h * q_strides[1];
     int64_t first = starts ? starts[r] : 0;
-    const float *kp = k + r * k_strides[0] + h * k_strides[1] + first * HEAD_DIM;
-    const float *vp = v + r * v_strides[0] + h * v_strides[1] + first * HEAD_DIM;
+    float *kp = k + r * k_strides[0] + h * k_strides[1] + first * HEAD_DIM;
+    float *vp = v + r * v_strides[0] + h * v_strides[1] + first * HEAD_DIM;
     int64_t n = length - first;
     float s[length], acc[HEAD_DIM];
+    if (k_new) { /* the query's own key and value go to the last slot first (the cache write, fused) */
+      memcpy(kp + (n - 1) * HEAD_DIM, k_new + r * new_strides[0] + h * new_strides[1], sizeof acc);
+      memcpy(vp + (n - 1) * HEAD_DIM, v_new + r * new_strides[2] + h * new_strides[3], sizeof acc);
+    }
 
     float max = -3.402823466e38f; /* -FLT_MAX */
-    for (int64_t l = 0; l < n; l++) { /* scores: one pass over the keys */
+    for (int64_t l = 0; l < n; l++) { /* scores: one pass over the keys; prefetch keys and values */
+      for (int64_t c = 0; c < HEAD_DIM; c += 16) { /* one cache line each (a prefetch never faults) */
+        __builtin_prefetch(kp + (l + PF_AHEAD) * HEAD_DIM + c, 0, 0);
+        __builtin_prefetch(vp + l * HEAD_DIM + c, 0, 1);
+      }
       float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
       for (int64_t d = 0; d < HEAD_DIM; d++) dot += qp[d] * kp[l * HEAD_DIM + d];
@@ -73,7 +94,12 @@ void single_query_attention(const float *q, const int64_t *q_strides, const floa
       sum += s[l];
     }
     memset(acc, 0, sizeof acc);
+    int64_t next = pair + 1 < rows * heads ? pair + 1 : pair; /* most likely this thread's next pair */
+    int64_t nr = next / heads, nh = next % heads, nfirst = starts ? starts[nr] : 0;
+    const float *nkp = k + nr * k_strides[0] + nh * k_strides[1] + nfirst * HEAD_DIM;
     for (int64_t l = 0; l < n; l++) { /* weighted sum: one pass over the values */
+      if (l < PF_AHEAD)
+        for (int64_t c = 0; c < HEAD_DIM; c += 16) __builtin_prefetch(nkp + l * HEAD_DIM + c, 0, 0);
       float w = s[l];
 #pragma omp simd
       for (int64_t d = 0; d < HEAD_DIM; d++) acc[d] += w * vp[l * HEAD_DIM + d];
