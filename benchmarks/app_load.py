@@ -10,7 +10,8 @@ same server.
 seed and class.
 --demo serves a `rar demo` output folder; --preset serves that preset with random weights (and a
 random MaskGIT-VQGAN of the preset's grid), written once to --work. The server is `rar app` in its
-own process (its peak RSS is read from /proc). Every concurrent answer must equal the sequential
+own process (its peak RSS is read from /proc). Each client connects before the clock starts, and
+the concurrent requests are released together by a barrier. Every concurrent answer must equal the sequential
 answer of the same seed, pixel for pixel; the ratio is sequential time / concurrent time. The last
 output line is one JSON object. Bounded: each request times out after --timeout seconds.
 """
@@ -88,11 +89,19 @@ def peak_rss_mib(pid: int) -> float:
     return float("nan")
 
 
-def request(url: str, args, seed: int):
-    from gradio_client import Client, handle_file
+def connect(url: str):
+    from gradio_client import Client
+
+    return Client(url, verbose=False)
+
+
+def request(client, args, seed: int, start: threading.Barrier | None = None):
+    """One request of `client` with `seed`, sent once every thread waiting on `start` is there."""
+    from gradio_client import handle_file
     from PIL import Image
 
-    client = Client(url, verbose=False)
+    if start is not None:
+        start.wait(timeout=args.timeout)
     if args.endpoint == "generate":
         job = client.submit(args.class_choice, args.num, args.guidance_scale, 0.0, 1.0, seed, args.steps,
                             api_name="/generate")
@@ -117,12 +126,17 @@ def edit_picture(tokenizer: Path, work: Path) -> Path:
 
 
 def run(args, url: str) -> dict:
-    request(url, args, 10_000)  # warm-up: the first decode packs weights, compiles nothing else
+    # Every client connects before the clock starts (gradio_client fetches the app's config and API
+    # first, ~0.1-1 s under load): the figures are the server's. The concurrent requests leave
+    # together (a barrier); connecting inside the burst let some arrive after the batch had started.
+    clients = [connect(url) for _ in range(args.clients)]
+    request(clients[0], args, 10_000)  # warm-up: the first decode packs weights, compiles nothing else
     t0 = time.perf_counter()
-    alone = [request(url, args, k) for k in range(args.clients)]
+    alone = [request(clients[k], args, k) for k in range(args.clients)]
     sequential = time.perf_counter() - t0
     together: list = [None] * args.clients
-    threads = [threading.Thread(target=lambda k=k: together.__setitem__(k, request(url, args, k)))
+    start = threading.Barrier(args.clients)
+    threads = [threading.Thread(target=lambda k=k: together.__setitem__(k, request(clients[k], args, k, start)))
                for k in range(args.clients)]
     t0 = time.perf_counter()
     [t.start() for t in threads]
