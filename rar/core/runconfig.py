@@ -150,12 +150,12 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: 
     try:
         merged = OmegaConf.merge(*layers[:-1])
         for text in overrides:  # in order, each as its own layer
-            key = text.split("=", 1)[0].strip()
+            key, value = text.split("=", 1)[0].strip(), _overrides([text])
             node = OmegaConf.select(merged, key, default=None)
-            replace = OmegaConf.is_dict(node) and OmegaConf.get_type(node) is dict  # a free mapping, not a section
-            merged = OmegaConf.merge(merged, _overrides([text])) if not replace else merged
-            if replace:  # variants={a: [...]} runs variant a alone
-                OmegaConf.update(merged, key, OmegaConf.select(_overrides([text]), key), merge=False)
+            if OmegaConf.is_dict(node) and OmegaConf.get_type(node) is dict:  # a free mapping: replaced
+                OmegaConf.update(merged, key, OmegaConf.select(value, key), merge=False)
+            else:  # a value, a list, or some fields of a section
+                merged = OmegaConf.merge(merged, value)
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         raise _clear(err, _blame(err, source, overrides)) from None

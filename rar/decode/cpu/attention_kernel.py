@@ -71,12 +71,11 @@ class SingleQueryAttention:
             if starts.shape != (R,) or starts.device.type != "cpu" or bool(((starts < 0) | (starts >= L)).any()):
                 raise ValueError(f"starts must be (R,) = ({R},) int64 CPU first positions in [0, {L}).")
         out = torch.empty(R, H * Dh, dtype=torch.float32, device="cpu")  # not the default dtype/device
-        k_new, v_new = (None, None) if new is None else new
-        strides = (ctypes.c_int64 * 10)(*q.stride()[:2], *k.stride()[:2], *v.stride()[:2],
-                                        *(k_new.stride()[:2] if new else (0, 0)), *(v_new.stride()[:2] if new else (0, 0)))
+        new_strides = (0, 0, 0, 0) if new is None else (*new[0].stride()[:2], *new[1].stride()[:2])
+        new_ptrs = (None, None) if new is None else (new[0].data_ptr(), new[1].data_ptr())
+        strides = (ctypes.c_int64 * 10)(*q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *new_strides)
         self._fn(q.data_ptr(), strides, k.data_ptr(), ctypes.byref(strides, 16), v.data_ptr(),
-                 ctypes.byref(strides, 32), None if starts is None else starts.data_ptr(),
-                 None if new is None else k_new.data_ptr(), None if new is None else v_new.data_ptr(),
+                 ctypes.byref(strides, 32), None if starts is None else starts.data_ptr(), *new_ptrs,
                  ctypes.byref(strides, 48), out.data_ptr(), R, H, L, Dh ** -0.5, torch.get_num_threads())
         return out
 
