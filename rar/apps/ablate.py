@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Dict, List
 
 from ..core.files import ensure_writable_dir
-from ..core.runconfig import check_types, load_config, require
+from ..core.runconfig import check_types, load_config, override_key, require
 from ..training.config import TrainConfig
 from ..training.loop import train
 from .ablation_digits import evaluate_run, tokenizer_of
@@ -67,7 +67,7 @@ class StudyConfig:
 
 def _run_keys_in(overrides) -> list[str]:
     """The `key=value` overrides that set a key the study sets for every run itself."""
-    return [t for t in overrides if t.split("=", 1)[0].strip() in RUN_KEYS]
+    return [t for t in overrides if override_key(t) in RUN_KEYS]
 
 
 def _base_path(study: StudyConfig, study_file: Path) -> Path:

@@ -94,10 +94,15 @@ def _check_shapes(cls, raw, source: str, prefix: str = "") -> None:
             raise ValueError(f"{source}: config key {key!r}: expected {len(args)} items, got {len(value)}.")
 
 
+def override_key(text: str) -> str:
+    """The dotted key a `key=value` override sets."""
+    return text.split("=", 1)[0].strip()
+
+
 def _overrides(items: Iterable[str]):
     items = list(items)
     for text in items:
-        key = text.split("=", 1)[0].strip()
+        key = override_key(text)
         if "=" not in text or not key or any(not part for part in key.split(".")):
             raise ValueError(f"override {text!r} is not of the form key=value (e.g. optim.lr=3e-4).")
         if not text.split("=", 1)[1].strip():
@@ -109,7 +114,7 @@ def _blame(err: OmegaConfBaseException, source: str, overrides: list[str]) -> st
     """Where a bad value came from: the override that set its key, else the file."""
     key = str(getattr(err, "full_key", "") or "")
     for text in reversed(overrides):
-        k = text.split("=", 1)[0].strip()
+        k = override_key(text)
         if key and (k == key or key.startswith(k + ".") or k.startswith(key + ".")):
             return f"override {text!r}"
     return source
@@ -150,7 +155,7 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: 
     try:
         merged = OmegaConf.merge(*layers[:-1])
         for text in overrides:  # in order, each as its own layer
-            key, value = text.split("=", 1)[0].strip(), _overrides([text])
+            key, value = override_key(text), _overrides([text])
             node = OmegaConf.select(merged, key, default=None)
             if OmegaConf.is_dict(node) and OmegaConf.get_type(node) is dict:  # a free mapping: replaced
                 OmegaConf.update(merged, key, OmegaConf.select(value, key), merge=False)
