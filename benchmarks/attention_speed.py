@@ -29,7 +29,8 @@ from sample_speed import host_line  # noqa: E402
 
 def kernels(head_dim: int):
     """rar's kernel as shipped, and the same source with every prefetch removed."""
-    from rar.decode.cpu import attention_kernel, toolchain
+    from rar.core import toolchain
+    from rar.decode.cpu import attention_kernel
     from rar.decode.cpu.capability import CPUCapability
 
     flags = CPUCapability.detect().compiler_flags()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 FIXTURES = Path(__file__).parent / "fixtures"
-# rar's C kernels (rar.decode.cpu.toolchain) are refused off Linux, without an OpenMP torch or a C compiler
+# rar's C kernels (rar.core.toolchain) are refused off Linux, without an OpenMP torch or a C compiler
 LINUX_OPENMP = sys.platform.startswith("linux") and "parallel backend: OpenMP" in torch.__config__.parallel_info()
 CAN_COMPILE = LINUX_OPENMP and bool(shutil.which("cc") or shutil.which("gcc"))
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rar.decode.cpu import attention_kernel, toolchain
+from rar.core import toolchain
+from rar.decode.cpu import attention_kernel
 from rar.decode.cpu.capability import CPUCapability
 from rar.inference import cached_logits, generate, prepare
 from rar.decode.backend import single_query_attention

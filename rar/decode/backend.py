@@ -31,7 +31,7 @@ from ..model.transformer import RAR, BlockModulation, HeadModulation
 from .cpu import attention_kernel, linear_kernel
 from .cpu.capability import CPUCapability
 from .cpu.linear import DecodeLinear
-from .cpu.toolchain import PROCESS_BUILDS, KernelBuilds
+from ..core.toolchain import PROCESS_BUILDS, KernelBuilds
 
 
 def fold_adaln(model: RAR) -> torch.nn.Linear:

@@ -1,24 +1,34 @@
 """Dropout for the training forward, with its masks drawn before a block runs so that a
 recomputation in the backward pass (`recompute=`) reuses them instead of replaying the RNG.
-Probabilities are rounded to multiples of 1/65536 and drawn as 16-bit integers: cheaper than
-`bernoulli_` on CPU."""
+Probabilities are rounded to multiples of 1/65536. On CPU each mask comes from a counter-based
+hash keyed by two 32-bit words from the global generator (`csrc/dropout_hash.c`, compiled at
+run time; `hash16` is the same function in torch): every element costs a few integer operations
+on all threads instead of a step of torch's generator, which is serial on CPU. Elsewhere (other
+devices, or no C compiler) the masks are 16-bit draws from the device's generator: the same
+distribution, another stream."""
 from __future__ import annotations
 
+import ctypes
 import math
+from functools import cache
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
+
+from ..core.toolchain import PROCESS_BUILDS, build_library, isa_flags
 
 
 class DropMasks(NamedTuple):
     """One block's dropout masks, drawn before the block runs: recomputing the block in the
     backward pass (`recompute=`) reuses them instead of replaying the RNG. The attention mask is a
     keep-mask (True = keep); the others are keep-masks too, or, where memory is not the concern,
-    multipliers (`scale_mask`: 0 or 1 / (1 - p)), which apply in one pass each way."""
+    multipliers (`scale_mask`: 0 or 1 / (1 - p)), which apply in one pass each way, or on CPU
+    `HashedMask` keys that fused kernels (`gelu_dropout`, `gated_residual`) draw as they go."""
     attn: torch.Tensor | None  # (B, H, N, N) attention probabilities, bool
-    proj: torch.Tensor | None  # (B, N, D) attention output
-    hidden: torch.Tensor | None  # (B, N, M) MLP hidden layer
-    out: torch.Tensor | None  # (B, N, D) MLP output
+    proj: "torch.Tensor | HashedMask | None"  # (B, N, D) attention output
+    hidden: "torch.Tensor | HashedMask | None"  # (B, N, M) MLP hidden layer
+    out: "torch.Tensor | HashedMask | None"  # (B, N, D) MLP output
 
 
 _LEVELS = 2**16  # dropout probabilities are rounded to multiples of 1/65536
@@ -36,18 +46,98 @@ def _uniform16(shape, device=None) -> torch.Tensor:
     return words.view(torch.int16)[:n].view(shape)
 
 
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """The low 32 bits of x * c for int64 x holding 32-bit values, without overflowing int64."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def hash16(n: int, key: tuple[int, int], device=None) -> torch.Tensor:
+    """The 16-bit values (n,) int64 that `csrc/dropout_hash.c` draws for key (k0, k1): element i
+    is mix(mix(lo(i) ^ k0) ^ (hi(i) + k1)) >> 16, lo and hi the low and high 32 bits of i."""
+    i = torch.arange(n, dtype=torch.int64, device=device)
+    return _mix32(_mix32((i & _M32) ^ key[0]) ^ (((i >> 32) + key[1]) & _M32)) >> 16
+
+
+@cache
+def hash_kernel() -> ctypes.CDLL | None:
+    """The compiled mask kernels for this CPU, or None where they cannot be built (then `keep_mask`
+    and `scale_mask` draw from torch's generator and the MLP runs GELU and dropout apart)."""
+    flags = tuple(isa_flags())
+    lib = PROCESS_BUILDS.get(("dropout_hash", flags), lambda: build_library("dropout_hash.c", flags, package="rar.model"))
+    if lib is not None:
+        ptr, n, u32, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint32, ctypes.c_float, ctypes.c_int
+        lib.dropout_scales.argtypes = [ptr, n, u32, u32, u32, f32, i32]
+        lib.dropout_keep.argtypes = [ptr, n, u32, u32, u32, i32]
+        lib.gelu_dropout_forward.argtypes = [ptr, ptr, n, u32, u32, u32, f32, i32]
+        lib.gelu_dropout_backward.argtypes = [ptr, ptr, ptr, n, u32, u32, u32, f32, i32]
+        lib.gated_residual_forward.argtypes = [ptr, ptr, ptr, ptr, n, u32, u32, u32, f32, i32]
+        lib.gated_residual_backward.argtypes = [ptr, ptr, ptr, ptr, ptr, n, u32, u32, u32, f32, i32]
+    return lib
+
+
+class HashedMask(NamedTuple):
+    """A CPU dropout mask kept as its key: element i is kept where `hash16` >= level. `materialize`
+    writes it out; the fused GELU-dropout of the MLP (`gelu_dropout`) draws it in its forward and
+    again in its backward pass instead, so it never occupies memory."""
+    k0: int
+    k1: int
+    level: int  # P(drop) = level / 65536
+    scale: float  # the multiplier of kept elements, 1 / (1 - p)
+
+    @classmethod
+    def draw(cls, p: float) -> "HashedMask | None":
+        """A fresh key from the global generator; None where nothing drops or the kernel is missing."""
+        level = _drop_level(p)
+        if level == 0 or hash_kernel() is None:
+            return None
+        k0, k1 = torch.randint(0, 2**32, (2,)).tolist()
+        return cls(k0, k1, level, drop_scale(p))
+
+    def materialize(self, shape, dtype=torch.float32) -> torch.Tensor:
+        """The mask of `shape`: bool keep-mask for dtype bool, else multipliers (0 or `scale`)."""
+        n, threads, kernel = math.prod(shape), torch.get_num_threads(), hash_kernel()
+        if dtype == torch.bool:
+            out = torch.empty(shape, dtype=torch.bool)
+            kernel.dropout_keep(out.data_ptr(), n, self.k0, self.k1, self.level, threads)
+            return out
+        out = torch.empty(shape, dtype=torch.float32)
+        kernel.dropout_scales(out.data_ptr(), n, self.k0, self.k1, self.level, self.scale, threads)
+        return out.to(dtype)
+
+
+def _on_cpu(device) -> bool:
+    return device is None or torch.device(device).type == "cpu"
+
+
 def keep_mask(shape, p: float, device=None) -> torch.Tensor | None:
-    """Bernoulli keep-mask with P(drop) = p rounded to 1/65536, from 16-bit uniform integers
-    (cheaper than `bernoulli_` on CPU)."""
+    """Bernoulli keep-mask with P(drop) = p rounded to 1/65536, from the hash kernel on CPU, else
+    from 16-bit uniform integers (cheaper than `bernoulli_`)."""
     t = _drop_level(p)
     if t == 0:
         return None
+    hashed = HashedMask.draw(p) if _on_cpu(device) else None
+    if hashed is not None:
+        return hashed.materialize(shape, torch.bool)
     return _uniform16(shape, device) >= t - _LEVELS // 2
 
 
 def scale_mask(shape, p: float, device=None, dtype=torch.float32) -> torch.Tensor | None:
     """`keep_mask`'s draws as inverted-dropout multipliers: 0 where dropped, `drop_scale(p)` where
     kept. `x * scale_mask` is inverted dropout in one pass forward and one backward."""
+    hashed = HashedMask.draw(p) if _on_cpu(device) else None
+    if hashed is not None:
+        return hashed.materialize(shape, dtype)
     keep = keep_mask(shape, p, device)
     if keep is None:
         return None
@@ -71,3 +161,72 @@ def apply_mask(x: torch.Tensor, mask: torch.Tensor | None, p: float) -> torch.Te
     if mask is None:
         return x
     return dropout(x, mask, p) if mask.dtype == torch.bool else (x * mask).to(x.dtype)
+
+
+class _GeluDropout(torch.autograd.Function):
+    """Exact GELU then inverted dropout with a `HashedMask`, one pass each way (csrc/dropout_hash.c):
+    keeps only the GELU's input for the backward pass, which draws the mask again."""
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, mask: HashedMask) -> torch.Tensor:
+        a = a.contiguous()
+        out = torch.empty_like(a)
+        hash_kernel().gelu_dropout_forward(a.data_ptr(), out.data_ptr(), a.numel(), mask.k0, mask.k1, mask.level,
+                                           mask.scale, torch.get_num_threads())
+        ctx.save_for_backward(a)
+        ctx.mask = mask
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (a,), m = ctx.saved_tensors, ctx.mask
+        grad = grad.contiguous()
+        out = torch.empty_like(a)
+        hash_kernel().gelu_dropout_backward(a.data_ptr(), grad.data_ptr(), out.data_ptr(), a.numel(), m.k0, m.k1,
+                                            m.level, m.scale, torch.get_num_threads())
+        return out, None
+
+
+def gelu_dropout(a: torch.Tensor, mask: torch.Tensor | HashedMask | None, p: float) -> torch.Tensor:
+    """Exact GELU of `a`, then inverted dropout with `mask` (as `apply_mask`, or a `HashedMask`,
+    fused into one kernel for fp32 CPU tensors and written out for others, e.g. bf16 under autocast)."""
+    if not isinstance(mask, HashedMask):
+        return apply_mask(F.gelu(a), mask, p)
+    if a.dtype == torch.float32 and a.device.type == "cpu":
+        return _GeluDropout.apply(a, mask)
+    return apply_mask(F.gelu(a), mask.materialize(a.shape), p)
+
+
+class _GatedResidual(torch.autograd.Function):
+    """x + gate * dropout(y) with a `HashedMask`, one pass each way (csrc/dropout_hash.c)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, mask: HashedMask) -> torch.Tensor:
+        x, gate, y = x.contiguous(), gate.contiguous(), y.contiguous()
+        out = torch.empty_like(x)
+        hash_kernel().gated_residual_forward(x.data_ptr(), gate.data_ptr(), y.data_ptr(), out.data_ptr(), x.numel(),
+                                             mask.k0, mask.k1, mask.level, mask.scale, torch.get_num_threads())
+        ctx.save_for_backward(gate, y)
+        ctx.mask = mask
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (gate, y), m = ctx.saved_tensors, ctx.mask
+        grad = grad.contiguous()
+        grad_gate, grad_y = torch.empty_like(gate), torch.empty_like(y)
+        hash_kernel().gated_residual_backward(gate.data_ptr(), y.data_ptr(), grad.data_ptr(), grad_gate.data_ptr(),
+                                              grad_y.data_ptr(), y.numel(), m.k0, m.k1, m.level, m.scale,
+                                              torch.get_num_threads())
+        return grad, grad_gate, grad_y, None
+
+
+def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | HashedMask | None,
+                   p: float) -> torch.Tensor:
+    """x + gate * dropout(y): a block's residual update (adaLN gate) with the dropout of its branch,
+    `mask` as in `gelu_dropout` (a `HashedMask` fused into one kernel for fp32 CPU tensors of one shape)."""
+    if isinstance(mask, HashedMask):
+        if x.shape == gate.shape == y.shape and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in (x, gate, y)):
+            return _GatedResidual.apply(x, gate, y, mask)
+        mask = mask.materialize(y.shape)
+    return torch.addcmul(x, gate, apply_mask(y, mask, p))

@@ -29,7 +29,10 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 from ..core.files import save_folder
 from ..core.names import upload_folder
 from .config import Preset, RARConfig, Regularization, SamplingDefaults, generator_meta, get_preset, preset_for
-from .dropout import DropMasks, apply_mask, drop_scale, keep_mask, scale_mask
+from .causal_attention import causal_attention
+from .modulated_norm import modulated_norm
+from .dropout import (DropMasks, HashedMask, drop_scale, gated_residual, gelu_dropout, hash_kernel, keep_mask,
+                      scale_mask)
 
 PREFIX = 2  # [cls] and [class] come before the image tokens
 NORM_EPS = 1e-6  # every LayerNorm of the model (blocks, qk-norm, head), as upstream
@@ -135,16 +138,17 @@ class Attention(nn.Module):
         B, N, D = x.shape
         q, k, v = self.heads(x)  # each (B, H, N, Dh)
         if drop is None or drop.attn is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, N, Dh)
+            # rar's CPU training kernel where this forward is not itself a recomputation (`recompute`)
+            out = causal_attention(q, k, v) if recompute else \
+                F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)  # (B, N, H, Dh)
         elif recompute:
             # Dropout needs the unfused path, which keeps four (B, H, N, N) matrices per block for the
             # backward pass; recomputing them there costs ~5% of the FLOPs and frees most of the memory.
             out = torch.utils.checkpoint.checkpoint(_attention_dropout, q, k, v, drop.attn, self.attn_dropout,
-                                                    use_reentrant=False, preserve_rng_state=False)
+                                                    use_reentrant=False, preserve_rng_state=False).transpose(1, 2)
         else:  # the caller recomputes the whole block
-            out = _attention_dropout(q, k, v, drop.attn, self.attn_dropout)
-        out = out.transpose(1, 2).reshape(B, N, D)
-        return apply_mask(self.proj(out), None if drop is None else drop.proj, self.dropout)
+            out = _attention_dropout(q, k, v, drop.attn, self.attn_dropout).transpose(1, 2)
+        return self.proj(out.reshape(B, N, D))  # its dropout (drop.proj) is applied by the block
 
 
 class Mlp(nn.Module):
@@ -158,8 +162,8 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor, drop: DropMasks | None = None) -> torch.Tensor:
-        hidden, out = (None, None) if drop is None else (drop.hidden, drop.out)
-        return apply_mask(self.fc2(apply_mask(self.act(self.fc1(x)), hidden, self.dropout)), out, self.dropout)
+        # its output's dropout (drop.out) is applied by the block
+        return self.fc2(gelu_dropout(self.fc1(x), None if drop is None else drop.hidden, self.dropout))
 
 
 class Block(nn.Module):
@@ -176,12 +180,16 @@ class Block(nn.Module):
 
     def dropout_masks(self, B: int, N: int, device, as_scales: bool = False) -> DropMasks | None:
         """Fresh masks for a training forward of (B, N) positions; None when nothing drops. With
-        `as_scales` the residual and MLP masks are float multipliers (4 bytes each instead of 1,
-        one pass instead of two): for the mode that keeps every activation anyway."""
+        `as_scales` (the mode that keeps every activation anyway) the residual and MLP masks are
+        `HashedMask` keys on CPU, which fused kernels draw from, else float multipliers (4 bytes
+        each instead of 1, one pass instead of two)."""
         draw = scale_mask if as_scales else keep_mask
-        masks = DropMasks(keep_mask((B, self.attn.num_heads, N, N), self.attn.attn_dropout, device),
-                          *(draw((B, N, w), self.mlp.dropout, device)
-                            for w in (self.mlp.fc2.out_features, self.mlp.fc1.out_features, self.mlp.fc2.out_features)))
+        D, M, p = self.mlp.fc2.out_features, self.mlp.fc1.out_features, self.mlp.dropout
+        attn = keep_mask((B, self.attn.num_heads, N, N), self.attn.attn_dropout, device)
+        # On CPU, where nothing is recomputed, the other masks stay keys that fused kernels draw from.
+        keys = as_scales and torch.device(device).type == "cpu" and hash_kernel() is not None
+        masks = DropMasks(attn, *(HashedMask.draw(p) if keys else draw(shape, p, device)
+                                  for shape in ((B, N, D), (B, N, M), (B, N, D))))
         return None if all(m is None for m in masks) else masks
 
     def fold(self, m: BlockModulation) -> FoldedModulation:
@@ -195,11 +203,11 @@ class Block(nn.Module):
                 recompute_attention: bool = True) -> torch.Tensor:
         # x (B, N, D); mod (B, N, 6D) = adaLN_modulation(per-slot condition), or already folded
         m = mod if isinstance(mod, FoldedModulation) else self.fold(BlockModulation.split(mod))
-        D = x.shape[-1]
-        h = torch.addcmul(m.c_msa, F.layer_norm(x, (D,), eps=NORM_EPS), m.a_msa)  # modulated norm1(x)
-        x = torch.addcmul(x, m.gate_msa, self.attn(h, drop, recompute_attention))
-        h = torch.addcmul(m.c_mlp, F.layer_norm(x, (D,), eps=NORM_EPS), m.a_mlp)  # modulated norm2(x)
-        return torch.addcmul(x, m.gate_mlp, self.mlp(h, drop))
+        h = modulated_norm(x, m.a_msa, m.c_msa, NORM_EPS)  # modulated norm1(x): c + a * LayerNorm(x)
+        proj, out = (None, None) if drop is None else (drop.proj, drop.out)
+        x = gated_residual(x, m.gate_msa, self.attn(h, drop, recompute_attention), proj, self.attn.dropout)
+        h = modulated_norm(x, m.a_mlp, m.c_mlp, NORM_EPS)  # modulated norm2(x)
+        return gated_residual(x, m.gate_mlp, self.mlp(h, drop), out, self.mlp.dropout)
 
 
 class FinalLayer(nn.Module):
@@ -218,7 +226,7 @@ class FinalLayer(nn.Module):
     def forward(self, x: torch.Tensor, mod: torch.Tensor | HeadModulation) -> torch.Tensor:
         # mod (B, N, 2D) = adaLN_modulation(condition), or a folded HeadModulation (1 + scale, shift)
         m = mod if isinstance(mod, HeadModulation) else self.fold(HeadModulation.split(mod))
-        return torch.addcmul(m.shift, self.norm_final(x), m.scale)
+        return modulated_norm(x, m.scale, m.shift, NORM_EPS)  # norm_final(x) * (1 + scale) + shift
 
 
 class RAR(nn.Module):

@@ -13,7 +13,7 @@ import ctypes
 
 import torch
 
-from . import toolchain
+from ...core import toolchain
 
 MAX_LENGTH = 16384  # cached positions per call: the kernel keeps one pair's scores on its thread's stack
 MAX_SCORES = 32768  # queries x positions of one multi-query call (its scores are on the stack too) ...
@@ -84,7 +84,7 @@ def build(head_dim: int, flags) -> SingleQueryAttention:
     """Compile and load the kernel for `head_dim` with the instruction-set `flags`
     (`CPUCapability.compiler_flags()`); RuntimeError saying why where it cannot be used."""
     flags = tuple(flags)
-    lib = toolchain.build_library("single_query_attention.c", flags, {"HEAD_DIM": head_dim})
+    lib = toolchain.build_library("single_query_attention.c", flags, {"HEAD_DIM": head_dim}, package="rar.decode.cpu")
     fn, multi = lib.single_query_attention, lib.multi_query_attention
     fn.restype = multi.restype = None
     fn.argtypes = [ctypes.c_void_p] * 11 + [ctypes.c_int64] * 3 + [ctypes.c_float, ctypes.c_int]

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ...core.toolchain import isa_flags
+
 GEMV_ROWS = (2,)  # fp32 row counts that stream weights through mm(W, x.t()) ...
 GEMV_K_CHUNK = 1024  # ... in column blocks of at most this width (a wider row of W reads slower)
 # fp32 row counts that use the compiled linear_kernel, per torch dispatch level (BENCHMARKS.md)
@@ -57,13 +59,8 @@ class CPUCapability:
         return torch.float32 if dtype == torch.bfloat16 and not self.onednn_bf16 else dtype
 
     def compiler_flags(self) -> list[str]:
-        """Instruction-set flags for rar's compiled kernels: the ISA torch dispatches to,
-        so that the kernel never uses an instruction the CPU (or its emulation) lacks. Explicit
-        -m flags rather than -march=x86-64-vN, which GCC < 11 does not know."""
-        if self.machine not in ("x86_64", "amd64"):
-            return []
-        avx2 = ["-mavx2", "-mfma", "-mf16c"]
-        return {"AVX512": [*avx2, "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"], "AVX2": avx2}.get(self.isa, [])
+        """Instruction-set flags for rar's compiled kernels at this `isa` (`rar.core.toolchain.isa_flags`)."""
+        return isa_flags(self.isa, self.machine)
 
     def describe(self) -> str:
         return (f"{self.machine} {self.isa}, oneDNN {'yes' if self.onednn else 'no'}, "

@@ -14,7 +14,7 @@ import ctypes
 import torch
 import torch.nn.functional as F
 
-from . import toolchain
+from ...core import toolchain
 
 PANEL = 6  # output columns per panel (csrc/few_rows_linear.c NR)
 CHUNK = 128  # k per chunk (csrc/few_rows_linear.c KC)
@@ -64,7 +64,7 @@ def build(flags) -> FewRowsLinear:
     flags = tuple(flags)
     if "-mavx2" not in flags or "-mfma" not in flags:
         raise RuntimeError("the few-rows linear kernel needs AVX2 and FMA, which this CPU (or torch's dispatch) lacks")
-    fn = toolchain.build_library("few_rows_linear.c", flags).few_rows_linear
+    fn = toolchain.build_library("few_rows_linear.c", flags, package="rar.decode.cpu").few_rows_linear
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     return FewRowsLinear(fn, flags)

@@ -1,9 +1,10 @@
-"""Building rar's C kernels (`csrc/`) at run time, on torch's own OpenMP runtime.
+"""Building rar's C kernels (`csrc/` of `rar.decode.cpu` and `rar.model`) at run time, on torch's own
+OpenMP runtime.
 
 Each kernel is one C file with no torch headers: the system C compiler builds it in ~0.1 s, once
 per process and set of flags (`KernelBuilds`), instead of the ~30 s and C++ toolchain of `torch.utils.cpp_extension`.
-The instruction-set flags come from `CPUCapability.compiler_flags`, passed in by the caller (the ISA torch
-itself dispatches to), not from the build machine. The library must resolve OpenMP to the runtime
+The instruction-set flags come from `isa_flags` (the ISA torch itself dispatches to), passed in by
+the caller, not from the build machine. The library must resolve OpenMP to the runtime
 torch already loaded, so that its threads are torch's intra-op threads and no second pool fights
 them for the cores. Where a kernel cannot be built (no compiler, not Linux, torch not built with
 OpenMP), `build_library` raises RuntimeError saying why, and the callers fall back to torch.
@@ -11,6 +12,7 @@ OpenMP), `build_library` raises RuntimeError saying why, and the callers fall ba
 from __future__ import annotations
 
 import ctypes
+import platform
 import shutil
 import subprocess
 import sys
@@ -39,9 +41,21 @@ def _torch_openmp() -> str | None:
     return _library_defining(ctypes.CDLL(str(torch_cpu)), "omp_get_max_threads") if torch_cpu.exists() else None
 
 
-def build_library(source: str, flags, defines: dict[str, int] | None = None) -> ctypes.CDLL:
-    """Compile `csrc/<source>` with `flags` and `-D` `defines`, load it, and check its OpenMP runtime;
-    RuntimeError saying why where that is impossible."""
+def isa_flags(isa: str | None = None, machine: str | None = None) -> list[str]:
+    """Instruction-set flags for rar's compiled kernels: those of `isa`, by default the level torch
+    dispatches to (`torch.backends.cpu.get_cpu_capability()`, which follows ATEN_CPU_CAPABILITY), so
+    that a kernel never uses an instruction the CPU (or its emulation) lacks. Explicit -m flags
+    rather than -march=x86-64-vN, which GCC < 11 does not know."""
+    isa = torch.backends.cpu.get_cpu_capability() if isa is None else isa
+    if (machine or platform.machine()).lower() not in ("x86_64", "amd64"):
+        return []
+    avx2 = ["-mavx2", "-mfma", "-mf16c"]
+    return {"AVX512": [*avx2, "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"], "AVX2": avx2}.get(isa, [])
+
+
+def build_library(source: str, flags, defines: dict[str, int] | None = None, *, package: str) -> ctypes.CDLL:
+    """Compile `csrc/<source>` of `package` with `flags` and `-D` `defines`, load it, and check its
+    OpenMP runtime; RuntimeError saying why where that is impossible."""
     if not sys.platform.startswith("linux"):
         raise RuntimeError(f"the compiled kernel is built on Linux only (this is {sys.platform})")
     if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
@@ -49,7 +63,7 @@ def build_library(source: str, flags, defines: dict[str, int] | None = None) -> 
     cc = shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         raise RuntimeError("no C compiler (cc or gcc) on PATH")
-    src = resources.files("rar.decode.cpu").joinpath(f"csrc/{source}")
+    src = resources.files(package).joinpath(f"csrc/{source}")
     with tempfile.TemporaryDirectory() as tmp, resources.as_file(src) as path:
         lib = Path(tmp) / Path(source).with_suffix(".so").name
         cmd = [cc, "-O3", *flags, "-fopenmp", "-fPIC", "-shared",
