@@ -57,10 +57,11 @@ class _ModulatedNorm(torch.autograd.Function):
         return grad_x, grad_a, grad, None
 
 
-def modulated_norm(x: torch.Tensor, a: torch.Tensor, c: torch.Tensor, eps: float) -> torch.Tensor:
-    """c + a * LayerNorm(x) (no affine) over the last dimension; x, a and c of one shape."""
+def modulated_norm(x: torch.Tensor, a: torch.Tensor, c: torch.Tensor, eps: float, kernel: bool = True) -> torch.Tensor:
+    """c + a * LayerNorm(x) (no affine) over the last dimension; x, a and c of one shape. `kernel`
+    False keeps torch's ops (inside a recomputed block, whose policy sees only torch's ops)."""
     tensors = (x, a, c)
-    if (torch.is_grad_enabled() and any(t.requires_grad for t in tensors) and x.shape == a.shape == c.shape
+    if (kernel and torch.is_grad_enabled() and any(t.requires_grad for t in tensors) and x.shape == a.shape == c.shape
             and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
             and norm_kernel() is not None):
         return _ModulatedNorm.apply(x, a, c, eps)

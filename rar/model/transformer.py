@@ -203,10 +203,11 @@ class Block(nn.Module):
                 recompute_attention: bool = True) -> torch.Tensor:
         # x (B, N, D); mod (B, N, 6D) = adaLN_modulation(per-slot condition), or already folded
         m = mod if isinstance(mod, FoldedModulation) else self.fold(BlockModulation.split(mod))
-        h = modulated_norm(x, m.a_msa, m.c_msa, NORM_EPS)  # modulated norm1(x): c + a * LayerNorm(x)
+        # modulated norm1(x), c + a * LayerNorm(x); rar's CPU kernel where this is not a recomputation
+        h = modulated_norm(x, m.a_msa, m.c_msa, NORM_EPS, kernel=recompute_attention)
         proj, out = (None, None) if drop is None else (drop.proj, drop.out)
         x = gated_residual(x, m.gate_msa, self.attn(h, drop, recompute_attention), proj, self.attn.dropout)
-        h = modulated_norm(x, m.a_mlp, m.c_mlp, NORM_EPS)  # modulated norm2(x)
+        h = modulated_norm(x, m.a_mlp, m.c_mlp, NORM_EPS, kernel=recompute_attention)  # modulated norm2(x)
         return gated_residual(x, m.gate_mlp, self.mlp(h, drop), out, self.mlp.dropout)
 
 
