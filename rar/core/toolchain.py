@@ -103,3 +103,19 @@ class KernelBuilds:
 
 
 PROCESS_BUILDS = KernelBuilds()  # the process-wide cache that `rar.decode.prepare` uses by default
+
+
+def load_kernel(source: str, package: str, argtypes: dict[str, list], defines: dict[str, int] | None = None,
+                builds: KernelBuilds = PROCESS_BUILDS) -> ctypes.CDLL | None:
+    """`csrc/<source>` of `package` built for the ISA torch dispatches to (`isa_flags`) with `-D`
+    `defines`, once per process (`builds`), its functions' ctypes `argtypes` set; None where it
+    cannot be built (`builds.reason` says why)."""
+    flags = tuple(isa_flags())
+
+    def make() -> ctypes.CDLL:
+        lib = build_library(source, flags, defines, package=package)
+        for name, types in argtypes.items():
+            getattr(lib, name).argtypes = types
+        return lib
+
+    return builds.get((package, source, flags, tuple(sorted((defines or {}).items()))), make)

@@ -15,20 +15,16 @@ from functools import cache
 import torch
 import torch.nn.functional as F
 
-from ..core.toolchain import PROCESS_BUILDS, build_library, isa_flags
+from ..core.toolchain import load_kernel
 
 
 @cache
 def attention_kernel(head_dim: int) -> ctypes.CDLL | None:
     """The compiled kernel for heads of `head_dim` on this CPU, or None where it cannot be built."""
-    flags = tuple(isa_flags())
-    lib = PROCESS_BUILDS.get(("causal_attention", head_dim, flags), lambda: build_library(
-        "causal_attention.c", flags, {"HEAD_DIM": head_dim}, package="rar.model"))
-    if lib is not None:
-        ptr, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
-        lib.causal_attention_forward.argtypes = [ptr] * 9 + [i64, i64, i64, f32, ptr, i32]
-        lib.causal_attention_backward.argtypes = [ptr] * 14 + [i64, i64, i64, f32, ptr, i32]
-    return lib
+    ptr, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+    return load_kernel("causal_attention.c", "rar.model", {
+        "causal_attention_forward": [ptr] * 9 + [i64, i64, i64, f32, ptr, i32],
+        "causal_attention_backward": [ptr] * 14 + [i64, i64, i64, f32, ptr, i32]}, {"HEAD_DIM": head_dim})
 
 
 def _strides(t: torch.Tensor):

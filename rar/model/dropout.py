@@ -16,7 +16,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ..core.toolchain import PROCESS_BUILDS, build_library, isa_flags
+from ..core.toolchain import load_kernel
 
 
 class DropMasks(NamedTuple):
@@ -73,17 +73,13 @@ def hash16(n: int, key: tuple[int, int], device=None) -> torch.Tensor:
 def hash_kernel() -> ctypes.CDLL | None:
     """The compiled mask kernels for this CPU, or None where they cannot be built (then `keep_mask`
     and `scale_mask` draw from torch's generator and the MLP runs GELU and dropout apart)."""
-    flags = tuple(isa_flags())
-    lib = PROCESS_BUILDS.get(("dropout_hash", flags), lambda: build_library("dropout_hash.c", flags, package="rar.model"))
-    if lib is not None:
-        ptr, n, u32, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint32, ctypes.c_float, ctypes.c_int
-        lib.dropout_scales.argtypes = [ptr, n, u32, u32, u32, f32, i32]
-        lib.dropout_keep.argtypes = [ptr, n, u32, u32, u32, i32]
-        lib.gelu_dropout_forward.argtypes = [ptr, ptr, n, u32, u32, u32, f32, i32]
-        lib.gelu_dropout_backward.argtypes = [ptr, ptr, ptr, n, u32, u32, u32, f32, i32]
-        lib.gated_residual_forward.argtypes = [ptr, ptr, ptr, ptr, n, u32, u32, u32, f32, i32]
-        lib.gated_residual_backward.argtypes = [ptr, ptr, ptr, ptr, ptr, n, u32, u32, u32, f32, i32]
-    return lib
+    ptr, n, u32, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint32, ctypes.c_float, ctypes.c_int
+    key = [u32, u32, u32]  # k0, k1, level
+    return load_kernel("dropout_hash.c", "rar.model", {
+        "dropout_scales": [ptr, n, *key, f32, i32], "dropout_keep": [ptr, n, *key, i32],
+        "gelu_dropout_forward": [ptr, ptr, n, *key, f32, i32], "gelu_dropout_backward": [ptr, ptr, ptr, n, *key, f32, i32],
+        "gated_residual_forward": [ptr, ptr, ptr, ptr, n, *key, f32, i32],
+        "gated_residual_backward": [ptr, ptr, ptr, ptr, ptr, n, *key, f32, i32]})
 
 
 class HashedMask(NamedTuple):

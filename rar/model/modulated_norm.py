@@ -16,20 +16,15 @@ from functools import cache
 import torch
 import torch.nn.functional as F
 
-from ..core.toolchain import PROCESS_BUILDS, build_library, isa_flags
+from ..core.toolchain import load_kernel
 
 
 @cache
 def norm_kernel() -> ctypes.CDLL | None:
     """The compiled kernel for this CPU, or None where it cannot be built."""
-    flags = tuple(isa_flags())
-    lib = PROCESS_BUILDS.get(("modulated_norm", flags),
-                             lambda: build_library("modulated_norm.c", flags, package="rar.model"))
-    if lib is not None:
-        ptr, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
-        lib.modulated_norm_forward.argtypes = [ptr] * 6 + [i64, i64, f32, i32]
-        lib.modulated_norm_backward.argtypes = [ptr] * 7 + [i64, i64, i32]
-    return lib
+    ptr, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+    return load_kernel("modulated_norm.c", "rar.model", {"modulated_norm_forward": [ptr] * 6 + [i64, i64, f32, i32],
+                                                          "modulated_norm_backward": [ptr] * 7 + [i64, i64, i32]})
 
 
 class _ModulatedNorm(torch.autograd.Function):
