@@ -295,6 +295,52 @@ def test_the_causal_attention_kernel_equals_torch_forward_and_backward(B, H, N, 
         assert torch.equal(causal_attention(*heads()), want)
 
 
+@pytest.mark.parametrize("B,N,H,D", [(3, 65, 2, 32), (1, 1, 1, 32), (2, 33, 4, 64)])
+def test_the_qkv_heads_kernel_equals_torch_forward_and_backward(B, N, H, D):
+    """csrc/qkv_heads.c (projection bias, qk-norm, head layout) against the projection, view and
+    LayerNorms in torch: outputs, and gradients of the input, the projection and both norms, on 1
+    and 2 threads (row counts that are and are not multiples of its 64-row work items); the norms'
+    gradients and the projection bias's, summed per fixed block of rows, are bit-identical on both
+    thread counts."""
+    import torch.nn as nn
+    from rar.model.qkv_heads import heads_kernel, qkv_heads
+
+    if heads_kernel() is None:
+        pytest.skip("the qkv kernel cannot be built here")
+    torch.manual_seed(0)
+    C = H * D
+    qkv, q_norm, k_norm = nn.Linear(C, 3 * C), nn.LayerNorm(D, eps=1e-6), nn.LayerNorm(D, eps=1e-6)
+    with torch.no_grad():
+        for p in (*q_norm.parameters(), *k_norm.parameters(), qkv.bias):
+            p.add_(torch.randn_like(p) * 0.3)
+    params = [*qkv.parameters(), *q_norm.parameters(), *k_norm.parameters()]
+    x = torch.randn(B, N, C, requires_grad=True)
+    grads_out = [torch.randn(B, H, N, D) for _ in range(3)]
+
+    def run():
+        heads = qkv_heads(x, qkv, q_norm, k_norm, H)
+        return heads, torch.autograd.grad(heads, [x, *params], grads_out)
+
+    with patch("rar.model.qkv_heads.heads_kernel", lambda: None):  # torch's ops
+        want, want_grads = run()
+    threads = torch.get_num_threads()
+    got_grads = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            got, grads = run()
+            got_grads.append(grads)
+            for a, b in zip(got, want):
+                assert a.shape == (B, H, N, D) and a.is_contiguous()
+                torch.testing.assert_close(a, b, rtol=0, atol=2e-6)
+            for a, b in zip(grads, want_grads):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-5)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(got_grads[0][2:], got_grads[1][2:]):  # the qkv bias and the norms
+        assert torch.equal(a, b)
+
+
 def test_cpu_masks_come_from_the_global_generator_and_agree_between_bool_and_float():
     """keep_mask and scale_mask draw their keys from the global generator (fixed seed: fixed mask)
     and give the same draws as a keep-mask and as multipliers; without the kernel they fall back to

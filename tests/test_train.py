@@ -244,8 +244,9 @@ def test_losses_do_not_depend_on_the_thread_count(tmp_path):
 
 
 def test_the_fused_gelu_dropout_trains_as_gelu_then_dropout(tmp_path):
-    """The MLP's fused GELU-dropout kernel (CPU, nothing recomputed) against GELU then the same mask
-    written out and multiplied: the same losses within 1e-5 per step, and the fused path did run."""
+    """The MLP's fused bias-GELU-dropout kernel (CPU, nothing recomputed) against adding fc1's bias,
+    GELU, then the same mask written out and multiplied: the same losses within 1e-5 per step, and
+    the fused path did run."""
     import torch.nn.functional as F
     from rar.model import dropout as d
 
@@ -253,11 +254,12 @@ def test_the_fused_gelu_dropout_trains_as_gelu_then_dropout(tmp_path):
         pytest.skip("the dropout kernel cannot be built here")
     fused_calls = []
 
-    def spy(a, mask, p):
-        fused_calls.append(isinstance(mask, d.HashedMask))
-        return d.gelu_dropout(a, mask, p)
+    def spy(a, mask, p, bias=None):
+        fused_calls.append(isinstance(mask, d.HashedMask) and bias is not None)
+        return d.gelu_dropout(a, mask, p, bias)
 
-    def unfused(a, mask, p):
+    def unfused(a, mask, p, bias=None):
+        a = a if bias is None else a + bias
         return d.apply_mask(F.gelu(a), mask.materialize(a.shape) if isinstance(mask, d.HashedMask) else mask, p)
 
     losses = {}

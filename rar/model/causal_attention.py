@@ -33,8 +33,9 @@ def _strides(t: torch.Tensor):
 
 
 def _scratch(N: int, D: int) -> torch.Tensor:
-    """Each thread's transposed keys and values and two score rows (csrc/causal_attention.c)."""
-    return torch.empty(torch.get_num_threads(), (2 * D + 2) * (-(-N // 16) * 16))
+    """Each thread's transposed keys and values and two blocks of score rows (MAX_ROWS = 8 rows
+    each, csrc/causal_attention.c)."""
+    return torch.empty(torch.get_num_threads(), (2 * D + 2 * 8) * (-(-N // 16) * 16))
 
 
 class _CausalAttention(torch.autograd.Function):

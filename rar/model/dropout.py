@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.toolchain import load_kernel
+from .gather import RowGather, materialize
 
 
 class DropMasks(NamedTuple):
@@ -32,6 +33,7 @@ class DropMasks(NamedTuple):
 
 
 _LEVELS = 2**16  # dropout probabilities are rounded to multiples of 1/65536
+_BIAS_ROWS = 64  # rows per partial sum of a bias's gradient, as in csrc/dropout_hash.c
 
 
 def _drop_level(p: float) -> int:
@@ -77,9 +79,10 @@ def hash_kernel() -> ctypes.CDLL | None:
     key = [u32, u32, u32]  # k0, k1, level
     return load_kernel("dropout_hash.c", "rar.model", {
         "dropout_scales": [ptr, n, *key, f32, i32], "dropout_keep": [ptr, n, *key, i32],
-        "gelu_dropout_forward": [ptr, ptr, n, *key, f32, i32], "gelu_dropout_backward": [ptr, ptr, ptr, n, *key, f32, i32],
-        "gated_residual_forward": [ptr, ptr, ptr, ptr, n, *key, f32, i32],
-        "gated_residual_backward": [ptr, ptr, ptr, ptr, ptr, n, *key, f32, i32]})
+        "gelu_dropout_forward": [ptr, ptr, ptr, n, n, *key, f32, i32],
+        "gelu_dropout_backward": [ptr, ptr, ptr, ptr, ptr, n, n, *key, f32, i32],
+        "gated_residual_forward": [ptr] * 5 + [n] * 3 + [*key, f32, i32],
+        "gated_residual_backward": [ptr] * 6 + [n] * 3 + [*key, f32, i32]})
 
 
 class HashedMask(NamedTuple):
@@ -160,69 +163,92 @@ def apply_mask(x: torch.Tensor, mask: torch.Tensor | None, p: float) -> torch.Te
 
 
 class _GeluDropout(torch.autograd.Function):
-    """Exact GELU then inverted dropout with a `HashedMask`, one pass each way (csrc/dropout_hash.c):
-    keeps only the GELU's input for the backward pass, which draws the mask again."""
+    """Exact GELU of a + bias then inverted dropout with a `HashedMask`, one pass each way
+    (csrc/dropout_hash.c): keeps only `a` for the backward pass, which draws the mask again."""
 
     @staticmethod
-    def forward(ctx, a: torch.Tensor, mask: HashedMask) -> torch.Tensor:
-        a = a.contiguous()
+    def forward(ctx, a: torch.Tensor, bias: torch.Tensor, mask: HashedMask) -> torch.Tensor:
+        a, bias = a.contiguous(), bias.contiguous()
         out = torch.empty_like(a)
-        hash_kernel().gelu_dropout_forward(a.data_ptr(), out.data_ptr(), a.numel(), mask.k0, mask.k1, mask.level,
-                                           mask.scale, torch.get_num_threads())
-        ctx.save_for_backward(a)
+        cols = a.shape[-1]
+        hash_kernel().gelu_dropout_forward(a.data_ptr(), bias.data_ptr(), out.data_ptr(), a.numel() // cols, cols,
+                                           mask.k0, mask.k1, mask.level, mask.scale, torch.get_num_threads())
+        ctx.save_for_backward(a, bias)
         ctx.mask = mask
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        (a,), m = ctx.saved_tensors, ctx.mask
+        (a, bias), m = ctx.saved_tensors, ctx.mask
         grad = grad.contiguous()
         out = torch.empty_like(a)
-        hash_kernel().gelu_dropout_backward(a.data_ptr(), grad.data_ptr(), out.data_ptr(), a.numel(), m.k0, m.k1,
-                                            m.level, m.scale, torch.get_num_threads())
-        return out, None
+        rows, cols = a.numel() // a.shape[-1], a.shape[-1]
+        partial = a.new_empty(-(-rows // _BIAS_ROWS), cols)  # the bias's gradient per block of rows
+        hash_kernel().gelu_dropout_backward(a.data_ptr(), bias.data_ptr(), grad.data_ptr(), out.data_ptr(),
+                                            partial.data_ptr(), rows, cols, m.k0, m.k1, m.level, m.scale,
+                                            torch.get_num_threads())
+        return out, partial.sum(0), None
 
 
-def gelu_dropout(a: torch.Tensor, mask: torch.Tensor | HashedMask | None, p: float) -> torch.Tensor:
-    """Exact GELU of `a`, then inverted dropout with `mask` (as `apply_mask`, or a `HashedMask`,
-    fused into one kernel for fp32 CPU tensors and written out for others, e.g. bf16 under autocast)."""
+def gelu_dropout(a: torch.Tensor, mask: torch.Tensor | HashedMask | None, p: float,
+                 bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Exact GELU of `a` (+ `bias` over its last dimension), then inverted dropout with `mask` (as
+    `apply_mask`, or a `HashedMask`, fused with the bias into one kernel for fp32 CPU tensors and
+    written out for others, e.g. bf16 under autocast)."""
+    if isinstance(mask, HashedMask) and a.dtype == torch.float32 and a.device.type == "cpu" and \
+            (bias is None or bias.dtype == torch.float32):
+        return _GeluDropout.apply(a, a.new_zeros(a.shape[-1]) if bias is None else bias, mask)
+    if bias is not None:
+        a = a + bias.to(a.dtype)
     if not isinstance(mask, HashedMask):
         return apply_mask(F.gelu(a), mask, p)
-    if a.dtype == torch.float32 and a.device.type == "cpu":
-        return _GeluDropout.apply(a, mask)
     return apply_mask(F.gelu(a), mask.materialize(a.shape), p)
 
 
 class _GatedResidual(torch.autograd.Function):
-    """x + gate * dropout(y) with a `HashedMask`, one pass each way (csrc/dropout_hash.c)."""
+    """x + gate * dropout(y) with a `HashedMask`, one pass each way (csrc/dropout_hash.c); gate is
+    x's shape, or a (U, N, D) table read at rows index[b] (`RowGather`)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, mask: HashedMask) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, gate: torch.Tensor, index: torch.Tensor | None, y: torch.Tensor,
+                mask: HashedMask) -> torch.Tensor:
         x, gate, y = x.contiguous(), gate.contiguous(), y.contiguous()
         out = torch.empty_like(x)
-        hash_kernel().gated_residual_forward(x.data_ptr(), gate.data_ptr(), y.data_ptr(), out.data_ptr(), x.numel(),
-                                             mask.k0, mask.k1, mask.level, mask.scale, torch.get_num_threads())
-        ctx.save_for_backward(gate, y)
+        N, D = x.shape[-2:]
+        hash_kernel().gated_residual_forward(x.data_ptr(), gate.data_ptr(), _ptr(index), y.data_ptr(), out.data_ptr(),
+                                             x.numel() // D, N, D, mask.k0, mask.k1, mask.level, mask.scale,
+                                             torch.get_num_threads())
+        ctx.save_for_backward(gate, index, y)
         ctx.mask = mask
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        (gate, y), m = ctx.saved_tensors, ctx.mask
+        (gate, index, y), m = ctx.saved_tensors, ctx.mask
         grad = grad.contiguous()
-        grad_gate, grad_y = torch.empty_like(gate), torch.empty_like(y)
-        hash_kernel().gated_residual_backward(gate.data_ptr(), y.data_ptr(), grad.data_ptr(), grad_gate.data_ptr(),
-                                              grad_y.data_ptr(), y.numel(), m.k0, m.k1, m.level, m.scale,
-                                              torch.get_num_threads())
-        return grad, grad_gate, grad_y, None
+        N, D = y.shape[-2:]
+        grad_gate = torch.zeros_like(gate) if index is not None else torch.empty_like(gate)  # a table is summed into
+        grad_y = torch.empty_like(y)
+        hash_kernel().gated_residual_backward(gate.data_ptr(), _ptr(index), y.data_ptr(), grad.data_ptr(),
+                                              grad_gate.data_ptr(), grad_y.data_ptr(), y.numel() // D, N, D, m.k0, m.k1,
+                                              m.level, m.scale, torch.get_num_threads())
+        return grad, grad_gate, None, grad_y, None
 
 
-def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | HashedMask | None,
-                   p: float) -> torch.Tensor:
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def gated_residual(x: torch.Tensor, gate: torch.Tensor | RowGather, y: torch.Tensor,
+                   mask: torch.Tensor | HashedMask | None, p: float) -> torch.Tensor:
     """x + gate * dropout(y): a block's residual update (adaLN gate) with the dropout of its branch,
-    `mask` as in `gelu_dropout` (a `HashedMask` fused into one kernel for fp32 CPU tensors of one shape)."""
+    `mask` as in `gelu_dropout` (a `HashedMask` fused into one kernel for fp32 CPU tensors of one
+    (B, N, D) shape, the gate also as a `RowGather` of it)."""
     if isinstance(mask, HashedMask):
-        if x.shape == gate.shape == y.shape and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in (x, gate, y)):
-            return _GatedResidual.apply(x, gate, y, mask)
+        table = gate.table if isinstance(gate, RowGather) else gate
+        if x.shape == gate.shape == y.shape and x.dim() == 3 and \
+                all(t.dtype == torch.float32 and t.device.type == "cpu" for t in (x, table, y)):
+            index = gate.index if isinstance(gate, RowGather) else None
+            return _GatedResidual.apply(x, table, index, y, mask)
         mask = mask.materialize(y.shape)
-    return torch.addcmul(x, gate, apply_mask(y, mask, p))
+    return torch.addcmul(x, materialize(gate), apply_mask(y, mask, p))

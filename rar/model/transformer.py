@@ -30,7 +30,9 @@ from ..core.files import save_folder
 from ..core.names import upload_folder
 from .config import Preset, RARConfig, Regularization, SamplingDefaults, generator_meta, get_preset, preset_for
 from .causal_attention import causal_attention
+from .gather import RowGather
 from .modulated_norm import modulated_norm
+from .qkv_heads import qkv_heads
 from .dropout import (DropMasks, HashedMask, drop_scale, gated_residual, gelu_dropout, hash_kernel, keep_mask,
                       scale_mask)
 
@@ -127,8 +129,11 @@ class Attention(nn.Module):
         self.k_norm = nn.LayerNorm(self.head_dim, eps=NORM_EPS)
         self.proj = nn.Linear(dim, dim)
 
-    def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Queries (qk-normed), keys (qk-normed) and values of x (B, N, D): each (B, H, N, Dh)."""
+    def heads(self, x: torch.Tensor, kernel: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries (qk-normed), keys (qk-normed) and values of x (B, N, D): each (B, H, N, Dh).
+        `kernel`: rar's CPU training kernel where it applies (not inside a recomputed block)."""
+        if kernel:
+            return qkv_heads(x, self.qkv, self.q_norm, self.k_norm, self.num_heads)
         B, N, _ = x.shape
         qkv = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, H, N, Dh)
@@ -136,7 +141,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, drop: DropMasks | None = None, recompute: bool = True) -> torch.Tensor:
         B, N, D = x.shape
-        q, k, v = self.heads(x)  # each (B, H, N, Dh)
+        q, k, v = self.heads(x, kernel=recompute)  # each (B, H, N, Dh)
         if drop is None or drop.attn is None:
             # rar's CPU training kernel where this forward is not itself a recomputation (`recompute`)
             out = causal_attention(q, k, v) if recompute else \
@@ -163,7 +168,10 @@ class Mlp(nn.Module):
 
     def forward(self, x: torch.Tensor, drop: DropMasks | None = None) -> torch.Tensor:
         # its output's dropout (drop.out) is applied by the block
-        return self.fc2(gelu_dropout(self.fc1(x), None if drop is None else drop.hidden, self.dropout))
+        mask = None if drop is None else drop.hidden
+        if isinstance(mask, HashedMask):  # the fused kernel adds fc1's bias: one pass less over (B, N, hidden)
+            return self.fc2(gelu_dropout(F.linear(x, self.fc1.weight), mask, self.dropout, self.fc1.bias))
+        return self.fc2(gelu_dropout(self.fc1(x), mask, self.dropout))
 
 
 class Block(nn.Module):
@@ -359,15 +367,16 @@ class RAR(nn.Module):
                        self.embed_tokens(seq[:, :-1], orders[:, :-1], orders[:, 1:])], dim=1)  # (B, T+1, D)
         # The adaLN input depends only on (class, position): compute it once per distinct class in
         # the batch (a third of the FLOPs when few classes repeat, e.g. 10 digits).
-        # The LayerNorm affines are folded in there too (`FoldedModulation`), and each chunk is then
-        # gathered to the rows: the backward pass sums into (U, T+1, D) chunks.
+        # The LayerNorm affines are folded in there too (`FoldedModulation`), and each chunk is read
+        # per sequence as a `RowGather`: the fused CPU kernels read the (U, T+1, D) table itself
+        # and sum their gradients into it; other paths gather it to (B, T+1, D).
         # Without repeats the blocks fold their own rows' modulation (inside any recomputation).
         distinct, inverse = labels.unique(return_inverse=True)  # (U,), (B,)
         if len(distinct) < len(labels):
             mods = self.modulations(self.condition(distinct))  # (U, T+1, 6D), ..., (U, T+1, 2D)
             mods = [blk.fold(BlockModulation.split(m)) for blk, m in zip(self.blocks, mods)] + \
                 [FinalLayer.fold(HeadModulation.split(mods[-1]))]
-            mods = [type(m)(*(c.index_select(0, inverse) for c in m)) for m in mods]  # chunks (B, T+1, D)
+            mods = [type(m)(*(RowGather(c, inverse) for c in m)) for m in mods]  # chunks (B, T+1, D), lazily
         else:
             mods = self.modulations(self.condition(labels))  # (B, T+1, 6D), ..., (B, T+1, 2D)
         h = self.forward_hidden(x, mods, recompute=recompute)  # (B, T+1, D)

@@ -2,12 +2,15 @@
    work item (rar/model/causal_attention.py). At the tiny preset's shapes (65 positions, heads of
    32) torch's fused CPU kernel runs at a fraction of the machine's arithmetic; here each pair's
    keys and values are transposed once into the thread's scratch so that every inner loop runs
-   along contiguous memory and vectorizes. Like flash attention, the forward keeps only each row's
-   log-sum-exp and the backward recomputes the probabilities from it.
+   along contiguous memory and vectorizes, and ROWS query rows are processed together so that the
+   inner loops keep ROWS independent accumulators in flight (one would wait on each FMA's latency).
+   Like flash attention, the forward keeps only each row's log-sum-exp and the backward recomputes
+   the probabilities from it.
 
    Layouts: q, k, v, o and dout are (B, H, N, D) with any (b, h, n) strides (in floats) and a
    contiguous last dimension; lse (B, H, N), dq, dk, dv (B, H, N, D) are contiguous. `scratch` holds
-   (2 D + 2) P floats per thread, P = N rounded up to a multiple of 16 (the forward uses half). D is the compile-time HEAD_DIM. Built by rar.core.toolchain; no torch headers. */
+   (2 D + 2 MAX_ROWS) P floats per thread, P = N rounded up to a multiple of 16 (the forward uses
+   less). D is the compile-time HEAD_DIM. Built by rar.core.toolchain; no torch headers. */
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
@@ -20,34 +23,96 @@
 #endif
 #define D HEAD_DIM
 
-#define PAD 16  /* rows of K^T are padded to a multiple of this many floats (a vector or two) */
+#define PAD 16      /* rows of K^T are padded to a multiple of this many floats (a vector or two) */
+#define MAX_ROWS 8  /* the scratch the Python side allocates allows this many rows per block */
+#ifdef __AVX512F__
+#define ROWS 4      /* 4 x (2 x 16 floats) output accumulators: 8 of the 32 vector registers */
+#else
+#define ROWS 2      /* AVX2 has 16 registers: 2 x (4 x 8 floats) accumulators, plus the operands */
+#endif
 
 static int64_t padded(int64_t n) { return (n + PAD - 1) / PAD * PAD; }
 
-/* s[j] = scale * q . k_j for j < len, from kt = K^T (D, P) with P = padded(N) zero-filled columns:
-   the loops run to padded(len), a whole number of vectors with no scalar remainder per d (the
-   entries past len are scores of padding or of future keys, which the caller ignores). */
-static void scores(const float *restrict qi, const float *restrict kt, int64_t P, int64_t len, float scale,
-                   float *restrict s) {
-    float q[D];
-    for (int d = 0; d < D; d++) q[d] = qi[d] * scale;
-    for (int64_t jb = 0; jb < len; jb += PAD) {  /* PAD scores at a time, summed over d in registers */
-        float acc[PAD] = {0};
+/* s[r P + j] = x_r . k_j for the ROWS rows x (ROWS, D) and j < padded(len), from kt = K^T (D, P)
+   with zero-filled columns past N. Entries past a row's causal length are scores of future keys
+   or of padding, which the caller ignores. */
+static void block_scores(float x[ROWS][D], const float *restrict kt, int64_t P, int64_t len,
+                         float *restrict s) {
+    for (int64_t jb = 0; jb < len; jb += PAD) {  /* PAD scores of every row at a time, in registers */
+        float acc[ROWS][PAD] = {{0}};
         for (int d = 0; d < D; d++) {
             const float *restrict row = kt + d * P + jb;
-            #pragma omp simd
-            for (int t = 0; t < PAD; t++) acc[t] += q[d] * row[t];
+            #pragma GCC unroll 8
+            for (int r = 0; r < ROWS; r++) {
+                #pragma omp simd
+                for (int t = 0; t < PAD; t++) acc[r][t] += x[r][d] * row[t];
+            }
         }
-        for (int t = 0; t < PAD; t++) s[jb + t] = acc[t];
+        for (int r = 0; r < ROWS; r++)
+            for (int t = 0; t < PAD; t++) s[r * P + jb + t] = acc[r][t];
     }
 }
 
 /* dst (D, P) = src (N, D) (rows `stride` apart) transposed, columns N..P-1 zero. */
 static void transpose(const float *restrict src, int64_t stride, int64_t N, int64_t P, float *restrict dst) {
-    for (int d = 0; d < D; d++)
+    for (int d = 0; d < D; d++) {  /* contiguous writes; the strided reads stay in L1 */
+        #pragma omp simd
+        for (int64_t j = 0; j < N; j++) dst[d * P + j] = src[j * stride + d];
         for (int64_t j = N; j < P; j++) dst[d * P + j] = 0.0f;
-    for (int64_t j = 0; j < N; j++)
-        for (int d = 0; d < D; d++) dst[d * P + j] = src[j * stride + d];
+    }
+}
+
+/* x (ROWS, D) = `rows` rows of src (`stride` apart) times `scale`; the rows past `rows` are zero. */
+static void load_rows(const float *src, int64_t stride, int64_t rows, float scale, float x[ROWS][D]) {
+    memset(x, 0, sizeof(float) * ROWS * D);
+    for (int64_t r = 0; r < rows; r++) {
+        #pragma omp simd
+        for (int d = 0; d < D; d++) x[r][d] = src[r * stride + d] * scale;
+    }
+}
+
+/* out (ROWS, D) = sum over j < len of w[r P + j] * src_j (rows of src `stride` apart). */
+static void block_weighted_sum(const float *restrict w, int64_t P, const float *src, int64_t stride, int64_t len,
+                               float out[ROWS][D]) {
+    float acc[ROWS][D] = {{0}};  /* local, so that it stays in registers (`out` might alias src) */
+    for (int64_t j = 0; j < len; j++) {
+        const float *restrict sj = src + j * stride;
+        #pragma GCC unroll 8
+        for (int r = 0; r < ROWS; r++) {
+            float wj = w[r * P + j];
+            #pragma omp simd
+            for (int d = 0; d < D; d++) acc[r][d] += wj * sj[d];
+        }
+    }
+    memcpy(out, acc, sizeof acc);
+}
+
+/* Row r of the block (query i0 + r) sees keys 0..i0 + r: s[r] becomes exp(s - m_r) there and 0 on
+   the later keys up to len, with m_r = sub[r] (the backward pass: the row's log-sum-exp) or, where
+   sub is NULL, the row's maximum (the forward pass). The forward pass also gets m_r and the row's
+   sum (`m`, `sum`). */
+static void block_softmax(float *s, int64_t P, int64_t i0, int64_t rows, int64_t len, const float *sub, float *m,
+                          float *sum) {
+    for (int64_t r = 0; r < rows; r++) {
+        float *sr = s + r * P, top = sr[0], total = 0.0f;
+        int64_t n = i0 + r + 1, whole = padded(n);  /* whole vectors: no scalar remainder of exp */
+        if (sub) {
+            top = sub[r];
+        } else {
+            #pragma omp simd reduction(max : top)
+            for (int64_t j = 0; j < n; j++) top = sr[j] > top ? sr[j] : top;
+        }
+        /* Later keys' scores become e^-87 (exp_nonpositive's floor), nothing next to a sum >= 1, and
+           are zeroed after. */
+        for (int64_t j = n; j < whole; j++) sr[j] = -1e30f;  /* finite: exp_nonpositive computes 0 * x */
+        #pragma omp simd reduction(+ : total)
+        for (int64_t j = 0; j < whole; j++) {
+            sr[j] = exp_nonpositive(sr[j] - top);
+            total += sr[j];
+        }
+        for (int64_t j = n; j < (whole > len ? whole : len); j++) sr[j] = 0.0f;
+        if (m) m[r] = top, sum[r] = total;
+    }
 }
 
 void causal_attention_forward(const float *q, const int64_t *qs, const float *k, const int64_t *ks,
@@ -56,33 +121,25 @@ void causal_attention_forward(const float *q, const int64_t *qs, const float *k,
     #pragma omp parallel num_threads(threads)
     {
         int64_t P = padded(N);
-        float *kt = scratch + (2 * D + 2) * P * omp_get_thread_num(), *s = kt + D * P;
+        float *kt = scratch + (2 * D + 2 * MAX_ROWS) * P * omp_get_thread_num(), *s = kt + D * P;
         #pragma omp for schedule(static)
         for (int64_t pair = 0; pair < B * H; pair++) {
             int64_t b = pair / H, h = pair % H;
             const float *qp = q + b * qs[0] + h * qs[1], *vp = v + b * vs[0] + h * vs[1];
-            float *op = o + b * os[0] + h * os[1];
+            float *op = o + b * os[0] + h * os[1], *lp = lse + pair * N;
             transpose(k + b * ks[0] + h * ks[1], ks[2], N, P, kt);
-            for (int64_t i = 0; i < N; i++) {
-                int64_t len = i + 1;  /* causal: keys 0..i */
-                scores(qp + i * qs[2], kt, P, len, scale, s);
-                float m = s[0], sum = 0.0f, acc[D];
-                for (int64_t j = 1; j < len; j++) m = s[j] > m ? s[j] : m;
-                #pragma omp simd reduction(+ : sum)
-                for (int64_t j = 0; j < len; j++) {
-                    s[j] = exp_nonpositive(s[j] - m);
-                    sum += s[j];
+            for (int64_t i0 = 0; i0 < N; i0 += ROWS) {
+                int64_t rows = N - i0 < ROWS ? N - i0 : ROWS, len = i0 + rows;  /* causal: keys < len */
+                float x[ROWS][D], acc[ROWS][D], m[ROWS], sum[ROWS];
+                load_rows(qp + i0 * qs[2], qs[2], rows, scale, x);
+                block_scores(x, kt, P, len, s);
+                block_softmax(s, P, i0, rows, len, NULL, m, sum);
+                block_weighted_sum(s, P, vp, vs[2], len, acc);  /* unnormalized P V */
+                for (int64_t r = 0; r < rows; r++) {
+                    float inv = 1.0f / sum[r], *oi = op + (i0 + r) * os[2];
+                    for (int d = 0; d < D; d++) oi[d] = acc[r][d] * inv;
+                    lp[i0 + r] = m[r] + logf(sum[r]);
                 }
-                for (int d = 0; d < D; d++) acc[d] = 0.0f;
-                for (int64_t j = 0; j < len; j++) {
-                    const float *restrict vj = vp + j * vs[2];
-                    float pj = s[j];
-                    #pragma omp simd
-                    for (int d = 0; d < D; d++) acc[d] += pj * vj[d];
-                }
-                float inv = 1.0f / sum, *oi = op + i * os[2];
-                for (int d = 0; d < D; d++) oi[d] = acc[d] * inv;
-                lse[pair * N + i] = m + logf(sum);
             }
         }
     }
@@ -97,7 +154,8 @@ void causal_attention_backward(const float *q, const int64_t *qs, const float *k
     #pragma omp parallel num_threads(threads)
     {
         int64_t P = padded(N);
-        float *kt = scratch + (2 * D + 2) * P * omp_get_thread_num(), *vt = kt + D * P, *p = vt + D * P, *ds = p + P;
+        float *kt = scratch + (2 * D + 2 * MAX_ROWS) * P * omp_get_thread_num(), *vt = kt + D * P;
+        float *p = vt + D * P, *ds = p + ROWS * P;
         #pragma omp for schedule(static)
         for (int64_t pair = 0; pair < B * H; pair++) {
             int64_t b = pair / H, h = pair % H;
@@ -108,30 +166,51 @@ void causal_attention_backward(const float *q, const int64_t *qs, const float *k
             transpose(v + b * vs[0] + h * vs[1], vs[2], N, P, vt);
             memset(dkp, 0, sizeof(float) * N * D);
             memset(dvp, 0, sizeof(float) * N * D);
-            for (int64_t i = 0; i < N; i++) {
-                int64_t len = i + 1;
-                const float *qi = qp + i * qs[2], *gi = gp + i * gs[2], *oi = op + i * os[2];
-                float row = 0.0f, l = lse[pair * N + i], acc[D];
-                for (int d = 0; d < D; d++) row += gi[d] * oi[d];
-                scores(qi, kt, P, len, scale, p);
-                #pragma omp simd
-                for (int64_t j = 0; j < len; j++) p[j] = exp_nonpositive(p[j] - l);
-                scores(gi, vt, P, len, 1.0f, ds);  /* dP[i, j] = dout_i . v_j */
-                #pragma omp simd
-                for (int64_t j = 0; j < len; j++) ds[j] = p[j] * (ds[j] - row) * scale;
-                for (int d = 0; d < D; d++) acc[d] = 0.0f;
-                for (int64_t j = 0; j < len; j++) {
-                    const float *restrict kj = kp + j * ks[2];
-                    float *restrict dkj = dkp + j * D, *restrict dvj = dvp + j * D;
-                    float dsj = ds[j], pj = p[j];
-                    #pragma omp simd
-                    for (int d = 0; d < D; d++) {
-                        acc[d] += dsj * kj[d];
-                        dkj[d] += dsj * qi[d];
-                        dvj[d] += pj * gi[d];
-                    }
+            for (int64_t i0 = 0; i0 < N; i0 += ROWS) {
+                int64_t rows = N - i0 < ROWS ? N - i0 : ROWS, len = i0 + rows;
+                float x[ROWS][D], xs[ROWS][D], g[ROWS][D], acc[ROWS][D], row[ROWS] = {0};
+                load_rows(qp + i0 * qs[2], qs[2], rows, 1.0f, x);
+                load_rows(qp + i0 * qs[2], qs[2], rows, scale, xs);
+                load_rows(gp + i0 * gs[2], gs[2], rows, 1.0f, g);
+                for (int64_t r = 0; r < rows; r++) {
+                    const float *oi = op + (i0 + r) * os[2];
+                    float dot = 0.0f;
+                    #pragma omp simd reduction(+ : dot)
+                    for (int d = 0; d < D; d++) dot += g[r][d] * oi[d];
+                    row[r] = dot;
                 }
-                for (int d = 0; d < D; d++) dqp[i * D + d] = acc[d];
+                block_scores(xs, kt, P, len, p);
+                block_softmax(p, P, i0, rows, len, lse + pair * N + i0, NULL, NULL);
+                block_scores(g, vt, P, len, ds);  /* dP[i, j] = dout_i . v_j */
+                for (int64_t r = 0; r < ROWS; r++) {
+                    float *pr = p + r * P, *dr = ds + r * P, rr = row[r];
+                    if (r >= rows) {  /* a row past N: no gradient */
+                        memset(pr, 0, sizeof(float) * len);
+                        memset(dr, 0, sizeof(float) * len);
+                        continue;
+                    }
+                    #pragma omp simd
+                    for (int64_t j = 0; j < len; j++) dr[j] = pr[j] * (dr[j] - rr) * scale;
+                }
+                block_weighted_sum(ds, P, kp, ks[2], len, acc);
+                for (int64_t r = 0; r < rows; r++)
+                    memcpy(dqp + (i0 + r) * D, acc[r], sizeof(float) * D);
+                for (int64_t j = 0; j < len; j++) {  /* the block's rows added to dk_j, dv_j in registers */
+                    float dkj[D], dvj[D];
+                    memcpy(dkj, dkp + j * D, sizeof dkj);
+                    memcpy(dvj, dvp + j * D, sizeof dvj);
+                    #pragma GCC unroll 8
+                    for (int r = 0; r < ROWS; r++) {
+                        float dsj = ds[r * P + j], pj = p[r * P + j];
+                        #pragma omp simd
+                        for (int d = 0; d < D; d++) {
+                            dkj[d] += dsj * x[r][d];
+                            dvj[d] += pj * g[r][d];
+                        }
+                    }
+                    memcpy(dkp + j * D, dkj, sizeof dkj);
+                    memcpy(dvp + j * D, dvj, sizeof dvj);
+                }
             }
         }
     }
