@@ -299,7 +299,7 @@ def _run_app(args) -> None:
 
 
 def _add_demo(sub) -> None:
-    p = sub.add_parser("demo", help="the whole pipeline on MNIST digits, offline on a CPU (15-24 min on 2 cores; --quick 4)")
+    p = sub.add_parser("demo", help="the whole pipeline on MNIST digits, offline on a CPU (~11 min on 2 cores; --quick ~3)")
     p.add_argument("--out", default="demo_out", help="output folder; finished stages are reused on a re-run")
     p.add_argument("--quick", action="store_true", help="shorter training (same outputs, less accurate)")
     p.set_defaults(func=_run_demo)
