@@ -5,7 +5,6 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from unittest.mock import patch
 
 import pytest
 import torch
@@ -241,68 +240,6 @@ def test_losses_do_not_depend_on_the_thread_count(tmp_path):
     finally:
         torch.set_num_threads(threads)
     assert losses[0] == losses[1]
-
-
-def test_the_fused_gelu_dropout_trains_as_gelu_then_dropout(tmp_path):
-    """The MLP's fused bias-GELU-dropout kernel (CPU, nothing recomputed) against adding fc1's bias,
-    GELU, then the same mask written out and multiplied: the same losses within 1e-5 per step, and
-    the fused path did run."""
-    import torch.nn.functional as F
-    from rar.model import dropout as d
-
-    if d.hash_kernel() is None:
-        pytest.skip("the dropout kernel cannot be built here")
-    fused_calls = []
-
-    def spy(a, mask, p, bias=None):
-        fused_calls.append(isinstance(mask, d.HashedMask) and bias is not None)
-        return d.gelu_dropout(a, mask, p, bias)
-
-    def unfused(a, mask, p, bias=None):
-        a = a if bias is None else a + bias
-        return d.apply_mask(F.gelu(a), mask.materialize(a.shape) if isinstance(mask, d.HashedMask) else mask, p)
-
-    losses = {}
-    for name, fn in (("fused", spy), ("unfused", unfused)):
-        with patch("rar.model.transformer.gelu_dropout", fn):
-            train(small_config(tmp_path / name, "max_steps=6", "model.dropout=0.1", "checkpointing=attention"))
-        losses[name] = [r["loss"] for r in read_metrics(tmp_path / name)]
-    assert fused_calls and all(fused_calls)
-    assert max(abs(a - b) for a, b in zip(losses["fused"], losses["unfused"])) < 1e-5
-
-
-def test_the_training_kernels_train_as_torchs_ops(tmp_path):
-    """The CPU kernels of the step (attention, qkv heads, modulated norms reading the adaLN tables)
-    against torch's ops in their place (the same masks): the same losses within 1e-5 per step, and
-    each kernel ran in the one run and not in the other."""
-    from rar.model import causal_attention as ca, modulated_norm as mn, qkv_heads as qh
-
-    if qh.heads_kernel() is None or mn.norm_kernel() is None or ca.attention_kernel(16) is None:
-        pytest.skip("the training kernels cannot be built here")
-    functions = (ca._CausalAttention, qh._QKVHeads, mn._ModulatedNorm)
-    losses, calls = {}, {}
-    for name in ("kernels", "torch"):
-        count = {f.__name__: 0 for f in functions}
-
-        def counted(f):
-            apply = f.apply
-
-            def run(*args):
-                count[f.__name__] += 1
-                return apply(*args)
-            return run
-        off = name == "torch"
-        with patch.object(ca, "attention_kernel", (lambda d: None) if off else ca.attention_kernel), \
-                patch.object(qh, "heads_kernel", (lambda: None) if off else qh.heads_kernel), \
-                patch.object(mn, "norm_kernel", (lambda: None) if off else mn.norm_kernel), \
-                patch.multiple(ca._CausalAttention, apply=counted(ca._CausalAttention)), \
-                patch.multiple(qh._QKVHeads, apply=counted(qh._QKVHeads)), \
-                patch.multiple(mn._ModulatedNorm, apply=counted(mn._ModulatedNorm)):
-            train(small_config(tmp_path / name, "max_steps=6", "model.dropout=0.1", "checkpointing=attention"))
-        losses[name], calls[name] = [r["loss"] for r in read_metrics(tmp_path / name)], count
-    assert all(n > 0 for n in calls["kernels"].values()) and not any(calls["torch"].values())
-    assert len(losses["kernels"]) == 6
-    assert max(abs(a - b) for a, b in zip(losses["kernels"], losses["torch"])) < 1e-5
 
 
 def test_thread_governor_drops_a_thread_under_contention_and_returns():

@@ -29,6 +29,11 @@ static inline uint32_t mix32(uint32_t x) {
     return x;
 }
 
+/* The 16-bit draw of the element whose index has low word lo and high word h, with hi = h + k1. */
+static inline uint32_t draw16(uint32_t lo, uint32_t hi, uint32_t k0) {
+    return mix32(mix32(lo ^ k0) ^ hi) >> 16;
+}
+
 /* out[i] = scale where element i is kept, else 0 (inverted-dropout multipliers), i in [0, n). */
 void dropout_scales(float *out, int64_t n, uint32_t k0, uint32_t k1, uint32_t level, float scale, int threads) {
     #pragma omp parallel for num_threads(threads) schedule(static)
@@ -38,7 +43,7 @@ void dropout_scales(float *out, int64_t n, uint32_t k0, uint32_t k1, uint32_t le
         float *o = out + c;
         #pragma omp simd
         for (int64_t j = 0; j < len; j++)
-            o[j] = (mix32(mix32((lo + (uint32_t)j) ^ k0) ^ hi) >> 16) >= level ? scale : 0.0f;
+            o[j] = draw16(lo + (uint32_t)j, hi, k0) >= level ? scale : 0.0f;
     }
 }
 
@@ -51,7 +56,7 @@ void dropout_keep(uint8_t *out, int64_t n, uint32_t k0, uint32_t k1, uint32_t le
         uint8_t *o = out + c;
         #pragma omp simd
         for (int64_t j = 0; j < len; j++)
-            o[j] = (mix32(mix32((lo + (uint32_t)j) ^ k0) ^ hi) >> 16) >= level;
+            o[j] = draw16(lo + (uint32_t)j, hi, k0) >= level;
     }
 }
 
@@ -63,6 +68,11 @@ static inline float kept_scale(uint32_t draw, uint32_t level, float scale) {
     bits &= -(uint32_t)(draw >= level);
     memcpy(&scale, &bits, sizeof bits);
     return scale;
+}
+
+/* The dropout multiplier of that element (`draw16`): scale where kept, else 0. */
+static inline float multiplier(uint32_t lo, uint32_t hi, uint32_t k0, uint32_t level, float scale) {
+    return kept_scale(draw16(lo, hi, k0), level, scale);
 }
 
 /* Phi(a) = (1 + erf(a / sqrt 2)) / 2, given e = exp(-a^2 / 2) (which the derivative reuses). */
@@ -94,7 +104,7 @@ void gelu_dropout_forward(const float *a, const float *bias, float *out, int64_t
             float *o = out + seg;
             #pragma omp simd
             for (int64_t j = 0; j < next - seg; j++) {
-                float m = kept_scale(mix32(mix32((lo + (uint32_t)j) ^ k0) ^ hi) >> 16, level, scale);
+                float m = multiplier(lo + (uint32_t)j, hi, k0, level, scale);
                 float h = x[j] + b[j];
                 o[j] = h * normal_cdf(h, exp_nonpositive(-0.5f * h * h)) * m;
             }
@@ -121,7 +131,7 @@ void gelu_dropout_backward(const float *a, const float *bias, const float *grad,
                 float *o = out + seg, *ac = acc + col;
                 #pragma omp simd
                 for (int64_t j = 0; j < next - seg; j++) {
-                    float m = kept_scale(mix32(mix32((lo + (uint32_t)j) ^ k0) ^ hi) >> 16, level, scale);
+                    float m = multiplier(lo + (uint32_t)j, hi, k0, level, scale);
                     float h = x[j] + b[j], e = exp_nonpositive(-0.5f * h * h), cdf = normal_cdf(h, e);
                     o[j] = g[j] * (cdf + h * e * 0.39894228040143268f) * m;
                     ac[j] += o[j];
@@ -151,7 +161,7 @@ void gated_residual_forward(const float *x, const float *gate, const int64_t *in
             float *o = out + seg;
             #pragma omp simd
             for (int64_t j = 0; j < next - seg; j++) {
-                float m = kept_scale(mix32(mix32((lo + (uint32_t)j) ^ k0) ^ hi) >> 16, level, scale);
+                float m = multiplier(lo + (uint32_t)j, hi, k0, level, scale);
                 o[j] = xc[j] + gc[j] * (yc[j] * m);
             }
         }
@@ -170,7 +180,7 @@ static inline void residual_row_backward(const float *gr, const float *y, const 
         float *ggc = gg + col, *gy = grad_y + seg;
         #pragma omp simd
         for (int64_t j = 0; j < next - seg; j++) {
-            float gm = g[j] * kept_scale(mix32(mix32((lo + (uint32_t)j) ^ k0) ^ hi) >> 16, level, scale);
+            float gm = g[j] * multiplier(lo + (uint32_t)j, hi, k0, level, scale);
             ggc[j] = (add ? ggc[j] : 0.0f) + gm * yc[j];
             gy[j] = gm * gc[j];
         }
