@@ -150,3 +150,17 @@ def test_the_training_kernels_train_as_torchs_ops(tmp_path):
     assert all(n > 0 for n in calls["kernels"].values()) and not any(calls["torch"].values())
     assert len(losses["kernels"]) == 6
     assert max(abs(a - b) for a, b in zip(losses["kernels"], losses["torch"])) < 1e-5
+
+
+@pytest.mark.parametrize("mode", ["attention", "selective"])
+def test_bf16_autocast_trains_close_to_fp32_with_the_kernels_stepping_aside(tmp_path, mode):
+    """`precision: bf16` (autocast) where the fp32 kernels would otherwise run: they must not see
+    the bf16 projections (the qkv kernel reading bf16 as fp32 corrupted memory); torch's ops run,
+    and the losses are finite and close to the fp32 run's."""
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        train(small_config(tmp_path / precision, "max_steps=6", "model.dropout=0.1", f"checkpointing={mode}",
+                           f"precision={precision}"))
+        losses[precision] = [r["loss"] for r in read_metrics(tmp_path / precision)]
+    assert len(losses["bf16"]) == 6 and all(torch.isfinite(torch.tensor(losses["bf16"])))
+    assert max(abs(a - b) for a, b in zip(losses["bf16"], losses["fp32"])) < 0.02

@@ -37,6 +37,8 @@ class _QKVHeads(torch.autograd.Function):
     @staticmethod
     def forward(ctx, raw, bias, qw, qb, kw, kb, eps: float):
         B, N, _, H, D = raw.shape
+        if any(t.dtype != torch.float32 for t in (raw, bias, qw, qb, kw, kb)):
+            raise TypeError("the qkv kernel takes fp32 tensors only")
         raw, bias, qw, qb, kw, kb = (t.contiguous() for t in (raw, bias, qw, qb, kw, kb))
         q, k, v = (raw.new_empty(B, H, N, D) for _ in range(3))
         stats = raw.new_empty(B, N, 2, H, 2)
@@ -61,7 +63,9 @@ class _QKVHeads(torch.autograd.Function):
 
 def _kernel_applies(x: torch.Tensor, qkv: nn.Linear, norms, head_dim: int) -> bool:
     tensors = (x, qkv.weight, qkv.bias, *(p for n in norms for p in (n.weight, n.bias)))
+    # under autocast the projection would come out in bf16, whatever its inputs' dtype
     return (torch.is_grad_enabled() and any(t.requires_grad for t in tensors) and qkv.bias is not None
+            and not torch.is_autocast_enabled(x.device.type)
             and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
             and head_dim <= _MAX_D and heads_kernel() is not None)
 
