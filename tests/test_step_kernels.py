@@ -164,3 +164,40 @@ def test_bf16_autocast_trains_close_to_fp32_with_the_kernels_stepping_aside(tmp_
         losses[precision] = [r["loss"] for r in read_metrics(tmp_path / precision)]
     assert len(losses["bf16"]) == 6 and all(torch.isfinite(torch.tensor(losses["bf16"])))
     assert max(abs(a - b) for a, b in zip(losses["bf16"], losses["fp32"])) < 0.02
+
+
+def test_the_kernels_step_aside_for_inputs_they_cannot_read():
+    """A table index that is not contiguous int64 of valid rows, a table beside a plain tensor, or a
+    float64 default dtype: the results equal torch's ops (the C code would read garbage or NaN)."""
+    from rar.model.dropout import HashedMask, gated_residual
+    from rar.model.gather import RowGather
+    from rar.model.modulated_norm import modulated_norm
+    from rar.model.causal_attention import causal_attention
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 8, requires_grad=True)
+    a, c = torch.randn(2, 5, 8, requires_grad=True), torch.randn(2, 5, 8, requires_grad=True)
+    good = torch.tensor([1, 0, 1])
+    for index in (good.int(), torch.tensor([1, 9, 0, 9, 1, 9])[::2], torch.tensor([1, 0, 2])):
+        ga, gc = RowGather(a, index), RowGather(c, index)
+        want = torch.addcmul(c[index.long().clamp(max=1)], torch.nn.functional.layer_norm(x, (8,), eps=1e-6),
+                             a[index.long().clamp(max=1)])
+        if int(index.max()) > 1:  # out of range: torch's index_select refuses it, as it should
+            with pytest.raises((IndexError, RuntimeError)):
+                modulated_norm(x, ga, gc, 1e-6)
+            continue
+        torch.testing.assert_close(modulated_norm(x, ga, gc, 1e-6), want)
+        mask = HashedMask(1, 2, 0, 1.0)  # keys (1, 2), nothing dropped
+        torch.testing.assert_close(gated_residual(x, ga, x, mask, 0.0), x + a[index.long()] * x)
+    mixed = modulated_norm(x, RowGather(a, good), c[good], 1e-6)  # one table, one tensor
+    torch.testing.assert_close(mixed, torch.addcmul(c[good], torch.nn.functional.layer_norm(x, (8,), eps=1e-6), a[good]))
+    q, k, v = (torch.randn(2, 2, 9, 16, requires_grad=True) for _ in range(3))
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
+    default = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(torch.float64)
+        got = causal_attention(q, k, v)
+    finally:
+        torch.set_default_dtype(default)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=0, atol=2e-6)

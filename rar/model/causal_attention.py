@@ -35,7 +35,7 @@ def _strides(t: torch.Tensor):
 def _scratch(N: int, D: int) -> torch.Tensor:
     """Each thread's transposed keys and values and two blocks of score rows (MAX_ROWS = 8 rows
     each, csrc/causal_attention.c)."""
-    return torch.empty(torch.get_num_threads(), (2 * D + 2 * 8) * (-(-N // 16) * 16))
+    return torch.empty(torch.get_num_threads(), (2 * D + 2 * 8) * (-(-N // 16) * 16), dtype=torch.float32)
 
 
 class _CausalAttention(torch.autograd.Function):
@@ -44,9 +44,9 @@ class _CausalAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         B, H, N, D = q.shape
-        out = torch.empty(B, N, H, D)  # the layout the output projection reads
+        out = q.new_empty(B, N, H, D)  # the layout the output projection reads
         o = out.transpose(1, 2)  # (B, H, N, D) view
-        lse, scratch = torch.empty(B, H, N), _scratch(N, D)
+        lse, scratch = q.new_empty(B, H, N), _scratch(N, D)
         attention_kernel(D).causal_attention_forward(
             q.data_ptr(), _strides(q), k.data_ptr(), _strides(k), v.data_ptr(), _strides(v), o.data_ptr(),
             _strides(o), lse.data_ptr(), B, H, N, D ** -0.5, scratch.data_ptr(), torch.get_num_threads())
@@ -59,7 +59,7 @@ class _CausalAttention(torch.autograd.Function):
         B, H, N, D = q.shape
         g = grad.contiguous().transpose(1, 2)  # (B, H, N, D) view of (B, N, H, D)
         o = out.transpose(1, 2)
-        dq, dk, dv = (torch.empty(B, H, N, D) for _ in range(3))
+        dq, dk, dv = (q.new_empty(B, H, N, D) for _ in range(3))
         scratch = _scratch(N, D)
         attention_kernel(D).causal_attention_backward(
             q.data_ptr(), _strides(q), k.data_ptr(), _strides(k), v.data_ptr(), _strides(v), o.data_ptr(),

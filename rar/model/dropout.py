@@ -195,8 +195,8 @@ def gelu_dropout(a: torch.Tensor, mask: torch.Tensor | HashedMask | None, p: flo
     """Exact GELU of `a` (+ `bias` over its last dimension), then inverted dropout with `mask` (as
     `apply_mask`, or a `HashedMask`, fused with the bias into one kernel for fp32 CPU tensors and
     written out for others, e.g. bf16 under autocast)."""
-    if isinstance(mask, HashedMask) and a.dtype == torch.float32 and a.device.type == "cpu" and \
-            (bias is None or bias.dtype == torch.float32):
+    if isinstance(mask, HashedMask) and a.dtype == torch.float32 and a.device.type == "cpu" and a.dim() > 0 and \
+            (bias is None or (bias.dtype == torch.float32 and bias.device.type == "cpu" and bias.shape == a.shape[-1:])):
         return _GeluDropout.apply(a, a.new_zeros(a.shape[-1]) if bias is None else bias, mask)
     if bias is not None:
         a = a + bias.to(a.dtype)
@@ -247,6 +247,7 @@ def gated_residual(x: torch.Tensor, gate: torch.Tensor | RowGather, y: torch.Ten
     if isinstance(mask, HashedMask):
         table = gate.table if isinstance(gate, RowGather) else gate
         if x.shape == gate.shape == y.shape and x.dim() == 3 and \
+                (not isinstance(gate, RowGather) or gate.kernel_ready()) and \
                 all(t.dtype == torch.float32 and t.device.type == "cpu" for t in (x, table, y)):
             index = gate.index if isinstance(gate, RowGather) else None
             return _GatedResidual.apply(x, table, index, y, mask)

@@ -23,6 +23,13 @@ class RowGather(NamedTuple):
     def shape(self) -> torch.Size:
         return torch.Size((self.index.shape[0], *self.table.shape[1:]))
 
+    def kernel_ready(self) -> bool:
+        """Whether a C kernel may read the table through `index`: int64, contiguous, on the CPU
+        like the table, every value a row of it (else the callers use torch's ops)."""
+        i = self.index
+        return (i.dtype == torch.int64 and i.dim() == 1 and i.is_contiguous() and i.device == self.table.device
+                and self.table.dim() == 3 and (i.numel() == 0 or (int(i.min()) >= 0 and int(i.max()) < len(self.table))))
+
     def materialize(self) -> torch.Tensor:
         """table[index]: (B, N, D), by index_select (its backward sums rows in a fixed order)."""
         return self.table.index_select(0, self.index)

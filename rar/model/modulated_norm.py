@@ -38,7 +38,7 @@ class _ModulatedNorm(torch.autograd.Function):
         x, a, c = x.contiguous(), a.contiguous(), c.contiguous()
         N, D = x.shape[-2:]
         rows = x.numel() // D
-        out, mean, rstd = torch.empty_like(x), torch.empty(rows), torch.empty(rows)
+        out, mean, rstd = torch.empty_like(x), x.new_empty(rows), x.new_empty(rows)
         norm_kernel().modulated_norm_forward(x.data_ptr(), a.data_ptr(), c.data_ptr(), _ptr(index), out.data_ptr(),
                                              mean.data_ptr(), rstd.data_ptr(), rows, N, D, eps, torch.get_num_threads())
         ctx.save_for_backward(x, a, index, mean, rstd)
@@ -65,8 +65,10 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 def _kernel_applies(x: torch.Tensor, a, c) -> bool:
     tables = isinstance(a, RowGather) and isinstance(c, RowGather)
-    if tables and not (a.index is c.index and a.table.shape == c.table.shape and x.dim() == 3):
+    if tables and not (a.index is c.index and a.table.shape == c.table.shape and x.dim() == 3 and a.kernel_ready()):
         return False
+    if not tables and (isinstance(a, RowGather) or isinstance(c, RowGather)):
+        return False  # one table, one tensor: torch's ops
     tensors = (x, *((a.table, c.table) if tables else (a, c)))
     return (torch.is_grad_enabled() and any(t.requires_grad for t in tensors) and x.shape == a.shape == c.shape
             and all(isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.dtype == torch.float32

@@ -61,11 +61,20 @@ class _QKVHeads(torch.autograd.Function):
         return draw, sums[4:].view(bias.shape), *sums[:4], None
 
 
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4: no device argument
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+
+
 def _kernel_applies(x: torch.Tensor, qkv: nn.Linear, norms, head_dim: int) -> bool:
+    if qkv.bias is None or any(n.weight is None or n.bias is None for n in norms) or norms[0].eps != norms[1].eps:
+        return False  # the kernel has both norms' affines, one eps, and the projection's bias
     tensors = (x, qkv.weight, qkv.bias, *(p for n in norms for p in (n.weight, n.bias)))
     # under autocast the projection would come out in bf16, whatever its inputs' dtype
-    return (torch.is_grad_enabled() and any(t.requires_grad for t in tensors) and qkv.bias is not None
-            and not torch.is_autocast_enabled(x.device.type)
+    return (torch.is_grad_enabled() and any(t.requires_grad for t in tensors) and x.dim() == 3
+            and not _autocast_on(x.device.type)
             and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
             and head_dim <= _MAX_D and heads_kernel() is not None)
 
