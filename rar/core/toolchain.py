@@ -23,6 +23,11 @@ from pathlib import Path
 import torch
 
 
+def address(t: torch.Tensor | None) -> int | None:
+    """A kernel argument for an optional tensor: its data pointer, or None (NULL) for no tensor."""
+    return None if t is None else t.data_ptr()
+
+
 def _library_defining(lib: ctypes.CDLL, symbol: str) -> str | None:
     """The file mapped at the address `symbol` resolves to when looked up through `lib` (Linux)."""
     address = ctypes.cast(getattr(lib, symbol), ctypes.c_void_p).value

@@ -16,7 +16,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ..core.toolchain import load_kernel
+from ..core.toolchain import address, load_kernel
 from .gather import RowGather, materialize
 
 
@@ -215,7 +215,7 @@ class _GatedResidual(torch.autograd.Function):
         x, gate, y = x.contiguous(), gate.contiguous(), y.contiguous()
         out = torch.empty_like(x)
         N, D = x.shape[-2:]
-        hash_kernel().gated_residual_forward(x.data_ptr(), gate.data_ptr(), _ptr(index), y.data_ptr(), out.data_ptr(),
+        hash_kernel().gated_residual_forward(x.data_ptr(), gate.data_ptr(), address(index), y.data_ptr(), out.data_ptr(),
                                              x.numel() // D, N, D, mask.k0, mask.k1, mask.level, mask.scale,
                                              torch.get_num_threads())
         ctx.save_for_backward(gate, index, y)
@@ -229,14 +229,10 @@ class _GatedResidual(torch.autograd.Function):
         N, D = y.shape[-2:]
         grad_gate = torch.zeros_like(gate) if index is not None else torch.empty_like(gate)  # a table is summed into
         grad_y = torch.empty_like(y)
-        hash_kernel().gated_residual_backward(gate.data_ptr(), _ptr(index), y.data_ptr(), grad.data_ptr(),
+        hash_kernel().gated_residual_backward(gate.data_ptr(), address(index), y.data_ptr(), grad.data_ptr(),
                                               grad_gate.data_ptr(), grad_y.data_ptr(), y.numel() // D, N, D, m.k0, m.k1,
                                               m.level, m.scale, torch.get_num_threads())
         return grad, grad_gate, None, grad_y, None
-
-
-def _ptr(t: torch.Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
 
 
 def gated_residual(x: torch.Tensor, gate: torch.Tensor | RowGather, y: torch.Tensor,

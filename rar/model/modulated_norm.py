@@ -16,7 +16,7 @@ from functools import cache
 import torch
 import torch.nn.functional as F
 
-from ..core.toolchain import load_kernel
+from ..core.toolchain import address, load_kernel
 from .gather import RowGather, materialize
 
 
@@ -39,7 +39,7 @@ class _ModulatedNorm(torch.autograd.Function):
         N, D = x.shape[-2:]
         rows = x.numel() // D
         out, mean, rstd = torch.empty_like(x), x.new_empty(rows), x.new_empty(rows)
-        norm_kernel().modulated_norm_forward(x.data_ptr(), a.data_ptr(), c.data_ptr(), _ptr(index), out.data_ptr(),
+        norm_kernel().modulated_norm_forward(x.data_ptr(), a.data_ptr(), c.data_ptr(), address(index), out.data_ptr(),
                                              mean.data_ptr(), rstd.data_ptr(), rows, N, D, eps, torch.get_num_threads())
         ctx.save_for_backward(x, a, index, mean, rstd)
         return out
@@ -52,15 +52,11 @@ class _ModulatedNorm(torch.autograd.Function):
         grad_x = torch.empty_like(x)
         # tables (U, N, D) are summed into; rows (B, N, D) are written, and c's gradient is grad itself
         grad_a, grad_c = (torch.zeros_like(a), torch.zeros_like(a)) if index is not None else (torch.empty_like(x), grad)
-        norm_kernel().modulated_norm_backward(x.data_ptr(), a.data_ptr(), _ptr(index), mean.data_ptr(),
+        norm_kernel().modulated_norm_backward(x.data_ptr(), a.data_ptr(), address(index), mean.data_ptr(),
                                               rstd.data_ptr(), grad.data_ptr(), grad_x.data_ptr(), grad_a.data_ptr(),
-                                              _ptr(None if index is None else grad_c), mean.numel(), N, D,
+                                              address(None if index is None else grad_c), mean.numel(), N, D,
                                               torch.get_num_threads())
         return grad_x, grad_a, grad_c, None, None
-
-
-def _ptr(t: torch.Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
 
 
 def _kernel_applies(x: torch.Tensor, a, c) -> bool:

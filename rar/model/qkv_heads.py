@@ -51,8 +51,7 @@ class _QKVHeads(torch.autograd.Function):
     def backward(ctx, dq, dk, dv):
         raw, bias, qw, kw, stats = ctx.saved_tensors
         B, N, _, H, D = raw.shape
-        dq, dk, dv = (torch.zeros_like(raw[:, :, 0]).transpose(1, 2) if g is None else g.contiguous()
-                      for g in (dq, dk, dv))
+        dq, dk, dv = (raw.new_zeros(B, H, N, D) if g is None else g.contiguous() for g in (dq, dk, dv))
         draw = torch.empty_like(raw)
         partial = raw.new_empty(-(-B * N // _ROWS_PER_ITEM), 4 + 3 * H, D)
         heads_kernel().qkv_heads_backward(*(t.data_ptr() for t in (raw, bias, qw, kw, stats, dq, dk, dv, draw, partial)),

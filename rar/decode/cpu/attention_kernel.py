@@ -75,7 +75,7 @@ class SingleQueryAttention:
         new_ptrs = (None, None) if new is None else (new[0].data_ptr(), new[1].data_ptr())
         strides = (ctypes.c_int64 * 10)(*q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *new_strides)
         self._fn(q.data_ptr(), strides, k.data_ptr(), ctypes.byref(strides, 16), v.data_ptr(),
-                 ctypes.byref(strides, 32), None if starts is None else starts.data_ptr(), *new_ptrs,
+                 ctypes.byref(strides, 32), toolchain.address(starts), *new_ptrs,
                  ctypes.byref(strides, 48), out.data_ptr(), R, H, L, Dh ** -0.5, torch.get_num_threads())
         return out
 

@@ -52,7 +52,7 @@ class FewRowsLinear:
                              f"got x {tuple(x.shape)} {x.dtype} and {packed.numel()} packed values.")
         x = x.contiguous()
         y = torch.empty(rows, n, dtype=torch.float32, device="cpu")  # not the default dtype/device
-        if self._fn(x.data_ptr(), packed.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(),
+        if self._fn(x.data_ptr(), packed.data_ptr(), toolchain.address(bias), y.data_ptr(),
                     rows, n, K, torch.get_num_threads()) != 0:
             raise MemoryError(f"few_rows_linear could not allocate its scratch buffer for {rows} rows x {K}.")
         return y
